@@ -1,0 +1,289 @@
+"""Local listeners and the data path: accepted socket <-> direct-tcpip channel, with no polling.
+
+One acceptor thread serves every listening socket of the agent (epoll); each accepted connection gets
+a thread that opens its channel and then moves bytes both ways, blocked in poll() until either side has
+data. TCP_NODELAY is set on every accepted socket. A refused channel fails that connection only and is
+recorded on its forward.
+"""
+from __future__ import annotations
+
+import errno
+import logging
+import os
+import select
+import selectors
+import socket
+import threading
+import time
+from dataclasses import dataclass, field
+from typing import Callable, Protocol
+
+import paramiko
+
+from .config import Forward
+from .errors import UsageError
+
+log = logging.getLogger(__name__)
+
+BUFFER = 65536
+CHANNEL_OPEN_TIMEOUT = 10.0
+_CHANNEL_REASONS = {
+    1: "administratively prohibited (PermitOpen or AllowTcpForwarding on the host refuses this port)",
+    2: "connect failed (nothing listening on that port on the host)",
+    3: "unknown channel type",
+    4: "resource shortage on the host",
+}
+
+
+@dataclass
+class ForwardStats:
+    """Live counters of one forward (plain ints: the data path never touches a lock or a metric)."""
+
+    forward: Forward
+    listening: bool = False
+    active: int = 0
+    accepted_total: int = 0
+    failed_total: int = 0
+    bytes_to_remote: int = 0
+    bytes_from_remote: int = 0
+    last_error: str = ""
+    last_error_at: float = 0.0
+    probe_ok: bool | None = None  # None: not probed yet
+    probe_detail: str = ""
+    _lock: threading.Lock = field(default_factory=threading.Lock, repr=False)
+
+    def record_error(self, message: str) -> None:
+        self.last_error, self.last_error_at = message, time.time()
+
+    def opened(self) -> None:
+        with self._lock:
+            self.active += 1
+            self.accepted_total += 1
+
+    def closed(self, sent: int, received: int) -> None:
+        with self._lock:
+            self.active -= 1
+            self.bytes_to_remote += sent
+            self.bytes_from_remote += received
+
+
+class ChannelOpener(Protocol):
+    """What a forward needs from its host: a channel now, or None if the host stays unreachable."""
+
+    def open_forward_channel(self, forward: Forward, origin: tuple[str, int]) -> paramiko.Channel: ...
+
+
+def bind_listener(forward: Forward) -> socket.socket:
+    """Bind forward.bind:forward.local_port, or raise UsageError naming the port and the fix."""
+    family = socket.AF_INET6 if ":" in forward.bind else socket.AF_INET
+    sock = socket.socket(family, socket.SOCK_STREAM)
+    sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+    try:
+        sock.bind((forward.bind, forward.local_port))
+        sock.listen(128)
+    except OSError as exc:
+        sock.close()
+        if exc.errno == errno.EADDRINUSE:
+            raise UsageError(
+                f"local port {forward.local}  ({forward.name}) is already in use: stop what listens there "
+                f"(`ss -ltnp 'sport = :{forward.local_port}'`) or forward another port, e.g. "
+                f"-L {forward.local_port + 10000}:{forward.remote_host}:{forward.remote_port}") from None
+        if exc.errno == errno.EACCES:
+            raise UsageError(f"local port {forward.local} ({forward.name}) needs privileges: use a port above 1023") from None
+        raise UsageError(f"cannot listen on {forward.local} ({forward.name}): {exc.strerror}") from None
+    sock.setblocking(False)
+    return sock
+
+
+class Acceptor:
+    """One thread accepting on every listener; hands each connection to a handler."""
+
+    def __init__(self) -> None:
+        self._selector = selectors.DefaultSelector()
+        self._wake_r, self._wake_w = os.pipe()
+        os.set_blocking(self._wake_r, False)
+        self._selector.register(self._wake_r, selectors.EVENT_READ, None)
+        self._lock = threading.Lock()
+        self._pending: list[Callable[[], None]] = []
+        self._stopping = False
+        self._thread = threading.Thread(target=self._run, name="acceptor", daemon=True)
+        self._thread.start()
+
+    def add(self, sock: socket.socket, handler: Callable[[socket.socket, tuple], None]) -> None:
+        self._call(lambda: self._selector.register(sock, selectors.EVENT_READ, handler))
+
+    def remove(self, sock: socket.socket) -> None:
+        """Stop accepting on sock and close it (done on the acceptor thread, so no race with accept)."""
+        done = threading.Event()
+
+        def unregister() -> None:
+            try:
+                self._selector.unregister(sock)
+            except (KeyError, ValueError):
+                pass
+            sock.close()
+            done.set()
+
+        self._call(unregister)
+        if threading.current_thread() is not self._thread:
+            done.wait(5)
+
+    def _call(self, action: Callable[[], None]) -> None:
+        with self._lock:
+            self._pending.append(action)
+        os.write(self._wake_w, b"x")
+
+    def _run(self) -> None:
+        while not self._stopping:
+            for key, _ in self._selector.select():
+                if key.data is None:
+                    try:
+                        os.read(self._wake_r, 4096)
+                    except BlockingIOError:
+                        pass
+                    with self._lock:
+                        actions, self._pending = self._pending, []
+                    for action in actions:
+                        action()
+                    continue
+                listener: socket.socket = key.fileobj  # type: ignore[assignment]
+                try:
+                    conn, peer = listener.accept()
+                except (BlockingIOError, InterruptedError):
+                    continue
+                except OSError as exc:
+                    log.warning("accept failed: %s", exc)
+                    continue
+                key.data(conn, peer)
+
+    def close(self) -> None:
+        def stop() -> None:
+            self._stopping = True
+
+        self._call(stop)
+        self._thread.join(5)
+        for key in list(self._selector.get_map().values()):
+            if key.data is not None:
+                key.fileobj.close()  # type: ignore[union-attr]
+        self._selector.close()
+        os.close(self._wake_r)
+        os.close(self._wake_w)
+
+
+class ConnectionSet:
+    """The live connections of a forward, so that stop() can close them and join their threads."""
+
+    def __init__(self) -> None:
+        self._lock = threading.Lock()
+        self._items: dict[threading.Thread, list[socket.socket | paramiko.Channel]] = {}
+
+    def add(self, thread: threading.Thread, *ends: socket.socket | paramiko.Channel) -> None:
+        with self._lock:
+            self._items.setdefault(thread, []).extend(ends)
+
+    def discard(self, thread: threading.Thread) -> None:
+        with self._lock:
+            self._items.pop(thread, None)
+
+    def close_all(self, timeout: float = 5.0) -> None:
+        with self._lock:
+            items = list(self._items.items())
+        for _, ends in items:
+            for end in ends:
+                _shutdown(end)
+        deadline = time.monotonic() + timeout
+        for thread, _ in items:
+            thread.join(max(0.0, deadline - time.monotonic()))
+
+
+def serve_connection(conn: socket.socket, peer: tuple, forward: Forward, stats: ForwardStats,
+                     opener: ChannelOpener, live: ConnectionSet) -> None:
+    """Run in a connection thread: open the channel, then pump until both directions are done."""
+    me = threading.current_thread()
+    live.add(me, conn)
+    stats.opened()
+    sent = received = 0
+    chan: paramiko.Channel | None = None
+    try:
+        conn.setblocking(True)
+        conn.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
+        try:
+            chan = opener.open_forward_channel(forward, (peer[0], peer[1]))
+        except paramiko.ChannelException as exc:
+            reason = _CHANNEL_REASONS.get(exc.code, exc.text)
+            stats.failed_total += 1
+            stats.record_error(f"channel to {forward.remote} refused: {reason}")
+            log.warning("%s: channel to %s refused: %s", forward.name, forward.remote, reason)
+            return
+        except (paramiko.SSHException, EOFError, OSError, TimeoutError) as exc:
+            stats.failed_total += 1
+            stats.record_error(f"no SSH connection: {exc}")
+            log.info("%s: connection from %s:%s closed: %s", forward.name, peer[0], peer[1], exc)
+            return
+        live.add(me, chan)
+        sent, received = _pump(conn, chan)
+    finally:
+        if chan is not None:
+            chan.close()
+        _shutdown(conn)
+        conn.close()
+        stats.closed(sent, received)
+        live.discard(me)
+
+
+def _pump(conn: socket.socket, chan: paramiko.Channel) -> tuple[int, int]:
+    """Copy both ways until both sides reached EOF; half-closes are passed on. Returns (sent, received)."""
+    poller = select.poll()
+    conn_fd, chan_fd = conn.fileno(), chan.fileno()
+    poller.register(conn_fd, select.POLLIN)
+    poller.register(chan_fd, select.POLLIN)
+    open_fds = {conn_fd, chan_fd}
+    sent = received = 0
+    while open_fds:
+        for fd, _ in poller.poll():
+            if fd == conn_fd:
+                try:
+                    data = conn.recv(BUFFER)
+                except OSError:
+                    data = b""
+                if data:
+                    try:
+                        chan.sendall(data)
+                    except (OSError, EOFError, paramiko.SSHException):
+                        return sent, received
+                    sent += len(data)
+                else:
+                    poller.unregister(conn_fd)
+                    open_fds.discard(conn_fd)
+                    try:
+                        chan.shutdown_write()
+                    except (OSError, EOFError):
+                        return sent, received
+            elif fd == chan_fd:
+                data = chan.recv(BUFFER) if not chan.closed else b""
+                if data:
+                    try:
+                        conn.sendall(data)
+                    except OSError:
+                        return sent, received
+                    received += len(data)
+                else:
+                    poller.unregister(chan_fd)
+                    open_fds.discard(chan_fd)
+                    try:
+                        conn.shutdown(socket.SHUT_WR)
+                    except OSError:
+                        return sent, received
+                    if chan.closed:  # remote closed completely: nothing more can be sent either
+                        return sent, received
+    return sent, received
+
+
+def _shutdown(end: socket.socket | paramiko.Channel) -> None:
+    try:
+        if isinstance(end, paramiko.Channel):
+            end.close()
+        else:
+            end.shutdown(socket.SHUT_RDWR)
+    except OSError:
+        pass

@@ -1,0 +1,263 @@
+"""Keeps one host's SSH connection alive and its forwards usable, for months.
+
+A HostTunnel owns the host's listeners (bound once, kept while SSH is down) and one supervisor thread
+that connects, watches the link with keepalives, and reconnects with backoff after any drop. A local
+connection that arrives while the link is down waits up to `connect_wait` seconds (default 2) for the
+reconnect — and nudges it to happen now — then is closed: never a hang.
+"""
+from __future__ import annotations
+
+import logging
+import threading
+import time
+from dataclasses import dataclass, field
+from typing import Callable
+
+import paramiko
+
+from .auth import Identities
+from .backoff import Backoff
+from .config import Forward, HostConfig
+from .connection import SSHSession, connect
+from .errors import AgentError, ConnectError
+from .forward import CHANNEL_OPEN_TIMEOUT, Acceptor, ConnectionSet, ForwardStats, bind_listener, serve_connection
+
+log = logging.getLogger(__name__)
+
+NUDGE_MIN_INTERVAL = 1.0  # a waiting local connection may trigger a reconnect at most this often
+STABLE_AFTER = 30.0  # a session that lasted this long resets the backoff
+
+
+@dataclass
+class HostStats:
+    """Live state of one host, read by the status display and the metrics collector."""
+
+    state: str = "starting"  # starting | connecting | up | backoff | stopped
+    since: float = field(default_factory=time.time)
+    connects_total: int = 0
+    reconnects_total: int = 0
+    failures_total: int = 0
+    last_error: str = ""
+    last_error_reason: str = ""
+    last_error_at: float = 0.0
+    rtt: float | None = None
+    auth_method: str = ""
+    retry_at: float = 0.0
+    connect_durations: list[float] = field(default_factory=list)  # drained by the metrics collector
+
+    def set_state(self, state: str) -> None:
+        if state != self.state:
+            self.state, self.since = state, time.time()
+
+
+class HostTunnel:
+    """One host: its listeners, its SSH session, its supervisor thread."""
+
+    def __init__(self, host: HostConfig, identities: Identities, acceptor: Acceptor, *,
+                 connect_wait: float = 2.0, backoff: Backoff | None = None,
+                 jump_identities: Identities | None = None,
+                 on_change: Callable[["HostTunnel"], None] = lambda tunnel: None) -> None:
+        self.host = host
+        self.identities = identities
+        self.jump_identities = jump_identities
+        self.acceptor = acceptor
+        self.connect_wait = connect_wait
+        self.backoff = backoff or Backoff()
+        self.on_change = on_change
+        self.stats = HostStats()
+        self.forwards: dict[str, ForwardStats] = {f.name: ForwardStats(f) for f in host.forwards}
+        self._listeners: list = []
+        self._live = ConnectionSet()
+        self._session: SSHSession | None = None
+        self._cond = threading.Condition()
+        self._wake = threading.Event()
+        self._stopping = False
+        self._last_nudge = 0.0
+        self._thread: threading.Thread | None = None
+
+    # -- lifecycle --------------------------------------------------------------------------------
+    def bind(self) -> None:
+        """Bind every local listener now (so a busy port is reported at start-up, before connecting)."""
+        try:
+            for forward in self.host.forwards:
+                self._listeners.append((bind_listener(forward), forward))
+        except AgentError:
+            for sock, _ in self._listeners:
+                sock.close()
+            self._listeners.clear()
+            raise
+        for stats in self.forwards.values():
+            stats.listening = True
+
+    def start(self) -> None:
+        for sock, forward in self._listeners:
+            self.acceptor.add(sock, self._make_handler(forward))
+        self._thread = threading.Thread(target=self._supervise, name=f"supervisor-{self.host.name}", daemon=True)
+        self._thread.start()
+
+    def stop(self) -> None:
+        """Close listeners, connections and the SSH session; join every thread we started."""
+        with self._cond:
+            self._stopping = True
+            self._cond.notify_all()
+        self._wake.set()
+        for sock, _ in self._listeners:
+            self.acceptor.remove(sock)
+        self._listeners.clear()
+        for stats in self.forwards.values():
+            stats.listening = False
+        self._live.close_all()
+        if self._thread is not None:
+            self._thread.join(10)
+        self.stats.set_state("stopped")
+
+    # -- used by the data path --------------------------------------------------------------------
+    def open_forward_channel(self, forward: Forward, origin: tuple[str, int]) -> paramiko.Channel:
+        session = self._session_or_wait()
+        if session is None:
+            raise ConnectionError(f"SSH to {self.host.destination} is down ({self.stats.last_error or 'connecting'})")
+        return session.open_channel(forward.remote_host, forward.remote_port, origin, CHANNEL_OPEN_TIMEOUT)
+
+    def _session_or_wait(self) -> SSHSession | None:
+        deadline = time.monotonic() + self.connect_wait
+        with self._cond:
+            while not self._stopping:
+                session = self._session
+                if session is not None and session.active:
+                    return session
+                self._nudge()
+                remaining = deadline - time.monotonic()
+                if remaining <= 0:
+                    return None
+                self._cond.wait(remaining)
+        return None
+
+    def _nudge(self) -> None:
+        """A client is waiting: retry now instead of at the end of the backoff (rate-limited)."""
+        now = time.monotonic()
+        if self.stats.state == "backoff" and now - self._last_nudge >= NUDGE_MIN_INTERVAL \
+                and self.stats.last_error_reason not in _SLOW_REASONS:
+            self._last_nudge = now
+            self._wake.set()
+
+    def _make_handler(self, forward: Forward) -> Callable:
+        stats = self.forwards[forward.name]
+
+        def handle(conn, peer) -> None:
+            threading.Thread(target=serve_connection, args=(conn, peer, forward, stats, self, self._live),
+                             name=f"conn-{self.host.name}-{forward.name}", daemon=True).start()
+
+        return handle
+
+    # -- the supervisor thread ----------------------------------------------------------------------
+    def _supervise(self) -> None:
+        while not self._stopping:
+            self.stats.set_state("connecting")
+            self._changed()
+            try:
+                session = self._connect()
+            except ConnectError as exc:
+                self._failed(exc.reason, str(exc), exc.slow_retry)
+                continue
+            except Exception as exc:  # a bug or an unexpected library error must not kill the thread
+                log.exception("%s: unexpected error while connecting", self.host.name)
+                self._failed("internal", f"unexpected error: {exc}", False)
+                continue
+            self._up(session)
+            up_since = time.monotonic()
+            reason, message = self._watch(session)
+            self._down(session)
+            if time.monotonic() - up_since >= STABLE_AFTER:
+                self.backoff.reset()  # a flapping link keeps its backoff; a long-lived one starts afresh
+            if self._stopping:
+                break
+            self._failed(reason, message, False)
+        self.stats.set_state("stopped")
+        self._changed()
+
+    def _connect(self) -> SSHSession:
+        self._wake.clear()
+        started = time.monotonic()
+        session = connect(self.host, self.identities, on_close=self._wake.set,
+                          jump_identities=self.jump_identities)
+        self.stats.connect_durations.append(time.monotonic() - started)
+        return session
+
+    def _up(self, session: SSHSession) -> None:
+        with self._cond:
+            if self.stats.connects_total:
+                self.stats.reconnects_total += 1
+            self.stats.connects_total += 1
+            self._session = session
+            self.stats.auth_method = session.auth_method
+            self.stats.rtt = None
+            self.stats.set_state("up")
+            self._cond.notify_all()
+        if self.stats.last_error_reason in _SLOW_REASONS:
+            self.backoff.reset()
+        log.info("%s: connected to %s (%s, %s)", self.host.name, self.host.destination,
+                 session.auth_method, session.host_key)
+        self._changed()
+
+    def _down(self, session: SSHSession) -> None:
+        with self._cond:
+            self._session = None
+        session.close()
+        session.join()
+
+    def _watch(self, session: SSHSession) -> tuple[str, str]:
+        """Block until the link dies or we stop, sending keepalives. Returns (reason, message).
+
+        As OpenSSH's ServerAliveInterval/CountMax: a keepalive every `interval`; the link is dead when
+        nothing answered for interval x count seconds. A TCP-level drop wakes us at once (on_close).
+        """
+        interval = self.host.server_alive_interval
+        last_reply = time.monotonic()
+        sent_at = last_reply - interval  # the first keepalive goes at once: it measures the RTT
+        pending = None
+        while True:
+            self._wake.clear()  # cleared before looking, so a close that happens after is not missed
+            if self._stopping:
+                return "stopped", "stopped"
+            if not session.active:
+                return "disconnected", f"connection to {self.host.destination} closed by the host or network"
+            now = time.monotonic()
+            if pending is not None and pending.is_set():
+                last_reply = pending.at
+                self.stats.rtt = pending.at - sent_at
+                pending = None
+            if now - last_reply >= self.host.dead_after:
+                return ("keepalive_timeout",
+                        f"no answer from {self.host.destination} for {now - last_reply:.0f}s "
+                        f"({self.host.server_alive_count_max} keepalives, {interval:g}s apart): link dead")
+            if now - sent_at >= interval:
+                try:
+                    pending = session.transport.send_keepalive()
+                except (OSError, EOFError, paramiko.SSHException) as exc:
+                    return "disconnected", f"connection to {self.host.destination} lost: {exc}"
+                sent_at = now
+            self._wake.wait(max(0.0, min(sent_at + interval, last_reply + self.host.dead_after) - now))
+
+    def _failed(self, reason: str, message: str, slow: bool) -> None:
+        if self._stopping:
+            return
+        delay = self.backoff.next_delay(slow or reason in _SLOW_REASONS)
+        self.stats.failures_total += 1
+        self.stats.last_error, self.stats.last_error_reason = message, reason
+        self.stats.last_error_at = time.time()
+        self.stats.retry_at = time.time() + delay
+        self.stats.set_state("backoff")
+        log.warning("%s: %s (retry in %.1fs)", self.host.name, message, delay)
+        self._changed()
+        self._wake.clear()
+        if delay > 0:
+            self._wake.wait(delay)  # a nudge from a waiting client or stop() ends the wait early
+
+    def _changed(self) -> None:
+        try:
+            self.on_change(self)
+        except Exception:  # noqa: BLE001 - observers must not break the supervisor
+            log.exception("status observer failed")
+
+
+_SLOW_REASONS = {"auth_failed", "no_key", "host_key_unknown", "host_key_changed", "host_key_revoked"}
