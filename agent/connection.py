@@ -151,7 +151,7 @@ def _tune(transport: AgentTransport, host: HostConfig) -> None:
     offered = options.ciphers
     options.ciphers = tuple(c for c in PREFERRED_CIPHERS if c in offered) + tuple(
         c for c in offered if c not in PREFERRED_CIPHERS)
-    transport.set_name(f"ssh-{host.name}")
+    transport.name = f"ssh-{host.name}"
     transport.daemon = True
 
 

@@ -97,7 +97,7 @@ def resolve_host(
 
     defaults = HostConfig(name="", hostname="", user="")
     return HostConfig(
-        name=name or destination,
+        name=name or alias,
         hostname=hostname,
         user=user,
         port=resolved_port,
