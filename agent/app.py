@@ -1,43 +1,58 @@
-"""The running agent: every host's tunnel, the agent's metrics, probes, status, signals.
+"""The running agent: every host's tunnel, the agent's metrics, probes, file_sd, status, signals.
 
-`Agent.run()` blocks in the main thread until stop() (SIGINT/SIGTERM); nothing slow ever runs on the
-main thread, so one unreachable host never delays another.
+`Agent.run()` blocks in the main thread until SIGINT/SIGTERM; nothing slow ever runs on the main thread,
+so one unreachable host never delays another. SIGHUP reloads the config: only added, removed or changed
+hosts are touched; the others keep their SSH connections and open client connections.
 """
 from __future__ import annotations
 
 import logging
 import signal
 import threading
-from typing import Callable, Iterable
+from typing import Callable, Iterable, TextIO
 
 from .auth import Identities, load_identities
 from .config import AgentConfig, HostConfig
+from .discovery import write_file_sd
+from .errors import AgentError
 from .forward import Acceptor
-from .metrics import AgentMetrics
+from .metrics import AgentMetrics, CollectorSet
+from .probe import Prober, probe_url
 from .status import StatusDisplay
 from .supervisor import HostTunnel
 
 log = logging.getLogger(__name__)
 
+IdentityLoader = Callable[[HostConfig], Identities]
+ConfigLoader = Callable[[AgentConfig], AgentConfig]
+
 
 def identities_for(host: HostConfig) -> Identities:
+    """The keys to offer to a host: ssh-agent keys, then its identity files."""
     return load_identities(host.identity_files, host.identities_only)
 
 
 class Agent:
     """Owns the tunnels of every configured host and the agent's own endpoints."""
 
-    def __init__(self, config: AgentConfig, *, show_status: bool = True, status_stream=None,
-                 identities: Callable[[HostConfig], Identities] = identities_for) -> None:
+    def __init__(self, config: AgentConfig, *, show_status: bool = True, status_stream: TextIO | None = None,
+                 identities: IdentityLoader = identities_for, reload_config: ConfigLoader | None = None) -> None:
         self.config = config
         self._identities = identities
+        self._reload_config = reload_config
         self.acceptor: Acceptor | None = None
         self.tunnels: dict[str, HostTunnel] = {}
-        self.metrics = AgentMetrics(self.current_tunnels)
+        self.collectors = CollectorSet()
+        self.metrics = AgentMetrics(self.current_tunnels, extra=self.collectors)
         self.metrics_url: str | None = None
         self.status = StatusDisplay(self.current_tunnels, stream=status_stream) if show_status else None
+        self.prober = Prober(self.current_tunnels, config.probe_interval)
+        self.on_started: Callable[[], None] = lambda: None
         self._stop = threading.Event()
+        self._reload_requested = threading.Event()
+        self._wake = threading.Event()
         self._lock = threading.Lock()
+        self._polls: dict[str, Callable[[], None]] = {}
 
     def current_tunnels(self) -> Iterable[HostTunnel]:
         with self._lock:
@@ -46,7 +61,7 @@ class Agent:
     # -- lifecycle ----------------------------------------------------------------------------------
     def start(self) -> None:
         """Check keys, bind every listener, start supervisors; raise UsageError before anything runs."""
-        prepared = [self._prepare(host) for host in self.config.hosts]  # key/port errors first
+        prepared = [self._prepare(host) for host in self.config.hosts]  # key errors before any bind
         self.acceptor = Acceptor()
         bound: list[HostTunnel] = []
         try:
@@ -56,24 +71,59 @@ class Agent:
                 bound.append(tunnel)
             if self.config.metrics_addr is not None:
                 self.metrics_url = self.metrics.serve(self.config.metrics_addr)
+            if self.config.sd_file is not None:
+                write_file_sd(self.config.sd_file, self.config)
         except BaseException:
             for tunnel in bound:
                 tunnel.stop()
             self.acceptor.close()
+            self.acceptor = None
+            self.metrics.close()
             raise
         with self._lock:
             self.tunnels = {t.host.name: t for t in prepared}
+        for tunnel in prepared:
+            self._add_collectors(tunnel.host)
         if self.status is not None:
             self.status.start()
         for tunnel in prepared:
             tunnel.start()
+        self.prober.start()
+        self.on_started()
 
     def _prepare(self, host: HostConfig) -> HostTunnel:
         identities = self._identities(host)
         jump_ids = self._identities(host.jump) if host.jump is not None else None
-        observer = self.status.changed if self.status is not None else (lambda tunnel: None)
         return HostTunnel(host, identities, self.acceptor, connect_wait=self.config.connect_wait,  # type: ignore[arg-type]
-                          jump_identities=jump_ids, on_change=observer)
+                          jump_identities=jump_ids, on_change=self._tunnel_changed)
+
+    def _tunnel_changed(self, tunnel: HostTunnel) -> None:
+        if self.status is not None:
+            self.status.changed(tunnel)
+        if tunnel.stats.state == "up":
+            self.prober.probe_host(tunnel)  # forward_up reflects a reconnect at once, not 15 s later
+
+    def _add_collectors(self, host: HostConfig) -> None:
+        """A Celery workers collector for a host with a `flower` forward (reads Flower through the tunnel)."""
+        flower = next((f for f in host.forwards if f.name == "flower"), None)
+        if flower is None:
+            return
+        try:
+            from .collectors.celery_workers import CeleryWorkersCollector
+        except ImportError:  # pragma: no cover - the collector module is being written
+            return
+
+        base_url = probe_url(flower).removesuffix(flower.path)
+        collector = CeleryWorkersCollector(host.name, base_url, auth=flower.basic_auth)
+        self.collectors.add(host.name, collector)
+        self._polls[host.name] = collector.poll
+        self.prober.add_job(collector.poll)
+
+    def _remove_collectors(self, name: str) -> None:
+        self.collectors.remove(name)
+        poll = self._polls.pop(name, None)
+        if poll is not None:
+            self.prober.remove_job(poll)
 
     def run(self, install_signals: bool = True) -> int:
         """Start, then block until stop(); return the exit status (0 on a clean stop)."""
@@ -81,17 +131,74 @@ class Agent:
             self._install_signal_handlers()
         self.start()
         try:
-            while not self._stop.wait(3600):
-                pass
+            while not self._stop.is_set():
+                self._wake.wait()
+                self._wake.clear()
+                if self._reload_requested.is_set() and not self._stop.is_set():
+                    self._reload_requested.clear()
+                    self.reload()
         finally:
             self.shutdown()
         return 0
 
     def stop(self) -> None:
         self._stop.set()
+        self._wake.set()
+
+    def request_reload(self) -> None:
+        """Ask the main loop to reload the config (what SIGHUP does)."""
+        self._reload_requested.set()
+        self._wake.set()
+
+    def reload(self) -> None:
+        """Apply a fresh config: touch only hosts that were added, removed or changed."""
+        if self._reload_config is None:
+            log.warning("reload requested, but there is no config file to reload (started without --config)")
+            return
+        try:
+            new = self._reload_config(self.config)
+        except AgentError as exc:
+            log.error("reload failed, keeping the running config: %s", exc)
+            return
+        old_hosts = {h.name: h for h in self.config.hosts}
+        new_hosts = {h.name: h for h in new.hosts}
+        gone = [n for n in old_hosts if n not in new_hosts or new_hosts[n] != old_hosts[n]]
+        added = [n for n in new_hosts if n not in old_hosts or new_hosts[n] != old_hosts[n]]
+        for name in gone:
+            self._remove_collectors(name)
+            with self._lock:
+                tunnel = self.tunnels.pop(name, None)
+            if tunnel is not None:
+                tunnel.stop()
+        failed = []
+        for name in added:
+            try:
+                tunnel = self._prepare(new_hosts[name])
+                tunnel.acceptor = self.acceptor
+                tunnel.bind()
+            except AgentError as exc:
+                log.error("reload: host %s not started: %s", name, exc)
+                failed.append(name)
+                continue
+            with self._lock:
+                self.tunnels[name] = tunnel
+            self._add_collectors(tunnel.host)
+            tunnel.start()
+        kept = tuple(h for h in new.hosts if h.name not in failed)
+        self.config = AgentConfig(hosts=kept, metrics_addr=self.config.metrics_addr, sd_file=new.sd_file,
+                                  sd_target_host=new.sd_target_host, probe_interval=self.config.probe_interval,
+                                  connect_wait=new.connect_wait)
+        if self.config.sd_file is not None:
+            try:
+                write_file_sd(self.config.sd_file, self.config)
+            except AgentError as exc:
+                log.error("reload: %s", exc)
+        log.warning("reloaded: %d host(s) kept, %d stopped, %d started", len(new_hosts) - len(added),
+                    len(gone), len(added) - len(failed))
 
     def shutdown(self) -> None:
         """Close listeners, sessions and servers; join every thread the agent started."""
+        self.prober.stop()
         for tunnel in self.current_tunnels():
             tunnel.stop()
         if self.acceptor is not None:
@@ -102,9 +209,11 @@ class Agent:
             self.status.stop()
 
     def _install_signal_handlers(self) -> None:
-        def on_signal(signum: int, _frame: object) -> None:
+        def on_stop(signum: int, _frame: object) -> None:
             log.info("received %s, stopping", signal.Signals(signum).name)
             self.stop()
 
-        signal.signal(signal.SIGTERM, on_signal)
-        signal.signal(signal.SIGINT, on_signal)
+        signal.signal(signal.SIGTERM, on_stop)
+        signal.signal(signal.SIGINT, on_stop)
+        if hasattr(signal, "SIGHUP"):
+            signal.signal(signal.SIGHUP, lambda _s, _f: self.request_reload())

@@ -8,12 +8,14 @@ import argparse
 import logging
 import os
 import sys
+from pathlib import Path
 from typing import Sequence
 
 from . import __version__
 from .config import (
     DEFAULT_METRICS_ADDR,
     AgentConfig,
+    Forward,
     default_forwards,
     parse_forward_spec,
     parse_listen_addr,
@@ -58,13 +60,14 @@ def build_parser() -> argparse.ArgumentParser:
                    help="ssh option: UserKnownHostsFile, StrictHostKeyChecking (yes|accept-new), "
                         "ServerAliveInterval, ServerAliveCountMax, ConnectTimeout, IdentityFile, ...")
     p.add_argument("--config", metavar="FILE", help="YAML file listing hosts and forwards")
-    p.add_argument("--metrics", default=f"{DEFAULT_METRICS_ADDR[0]}:{DEFAULT_METRICS_ADDR[1]}", metavar="ADDR",
-                   help="where to serve the agent's own /metrics: [host:]port or off (default %(default)s)")
+    p.add_argument("--metrics", metavar="ADDR",
+                   help="where to serve the agent's own /metrics: [host:]port or off "
+                        f"(default {DEFAULT_METRICS_ADDR[0]}:{DEFAULT_METRICS_ADDR[1]})")
     p.add_argument("--sd-file", metavar="PATH", help="write a Prometheus file_sd JSON of every forward here")
     p.add_argument("--sd-host", metavar="ADDR", default=None,
                    help="address Prometheus uses to reach the forwards in --sd-file "
                         "(default 127.0.0.1; host.docker.internal for Docker Desktop)")
-    p.add_argument("--connect-wait", type=float, default=2.0, metavar="SECONDS",
+    p.add_argument("--connect-wait", type=float, metavar="SECONDS",
                    help="how long a local connection waits for a reconnect before it is closed (default 2)")
     p.add_argument("--demo", action="store_true", help="run against an in-process SSH server and sample exporters")
     p.add_argument("--check", action="store_true", help="diagnose DNS, TCP, SSH, host key, auth and each forward")
@@ -82,22 +85,23 @@ def config_from_args(args: argparse.Namespace) -> AgentConfig:
     """Turn parsed arguments into an AgentConfig (hosts from the destination or --config)."""
     from .sshconfig import load_ssh_config, resolve_host
 
-    metrics_addr = parse_listen_addr(args.metrics)
-    if args.connect_wait < 0:
-        raise UsageError(f"--connect-wait {args.connect_wait:g} must be >= 0 seconds")
     forwards = tuple(parse_forward_spec(spec) for spec in args.forwards) or default_forwards()
-    _check_unique_local_ports(forwards)
+    check_unique_local_ports(forwards)
     options = dict(parse_ssh_option(o) for o in args.options)
     port = parse_port(args.port, "-p port") if args.port is not None else None
-    common = dict(metrics_addr=metrics_addr, connect_wait=args.connect_wait,
-                  sd_file=_path(args.sd_file), sd_target_host=args.sd_host or "127.0.0.1")
+    common = {**sd_options(args), **agent_options(args)}
 
-    if args.config:
+    config_file = args.config or (None if args.destination else _default_config())
+    if config_file:
         if args.destination:
             raise UsageError("give either a destination or --config, not both")
+        for flag, given in (("-L", args.forwards), ("-p", args.port), ("-J", args.jump)):
+            if given:
+                raise UsageError(f"{flag} cannot be combined with --config: set it per host in {config_file}")
         from .yamlconfig import load_config
 
-        return load_config(args.config, ssh_config=load_ssh_config(args.ssh_config), overrides=common)
+        return load_config(config_file, ssh_config=load_ssh_config(args.ssh_config), overrides=common,
+                           options=options, identity_files=tuple(args.identities))
     if not args.destination:
         raise UsageError("no destination: run `tunnel [user@]host[:port]`, `tunnel --config FILE` or `tunnel --demo`")
     host = resolve_host(args.destination, load_ssh_config(args.ssh_config), options=options, port=port,
@@ -105,7 +109,37 @@ def config_from_args(args: argparse.Namespace) -> AgentConfig:
     return AgentConfig(hosts=(host,), **common)  # type: ignore[arg-type]
 
 
-def _check_unique_local_ports(forwards) -> None:
+def _default_config() -> str | None:
+    from .yamlconfig import default_config_path
+
+    path = default_config_path()
+    return str(path) if path else None
+
+
+def agent_options(args: argparse.Namespace) -> dict[str, object]:
+    """--metrics and --connect-wait, when given (otherwise the YAML value or the default applies)."""
+    options: dict[str, object] = {}
+    if args.metrics is not None:
+        options["metrics_addr"] = parse_listen_addr(args.metrics)
+    if args.connect_wait is not None:
+        if args.connect_wait < 0:
+            raise UsageError(f"--connect-wait {args.connect_wait:g} must be >= 0 seconds")
+        options["connect_wait"] = args.connect_wait
+    return options
+
+
+def sd_options(args: argparse.Namespace) -> dict[str, object]:
+    """The file_sd settings given on the command line (only those given, so YAML values stay)."""
+    options: dict[str, object] = {}
+    if args.sd_file:
+        options["sd_file"] = _path(args.sd_file)
+    if args.sd_host:
+        options["sd_target_host"] = args.sd_host
+    return options
+
+
+def check_unique_local_ports(forwards: Sequence[Forward]) -> None:
+    """Two -L forwards may not share a local address."""
     seen: dict[tuple[str, int], str] = {}
     for forward in forwards:
         key = (forward.bind, forward.local_port)
@@ -115,9 +149,7 @@ def _check_unique_local_ports(forwards) -> None:
         seen[key] = forward.remote
 
 
-def _path(value: str | None):
-    from pathlib import Path
-
+def _path(value: str | None) -> Path | None:
     return Path(os.path.expanduser(value)) if value else None
 
 

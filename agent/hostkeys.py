@@ -11,11 +11,11 @@ from __future__ import annotations
 
 import base64
 import binascii
-import fnmatch
 import hashlib
 import hmac
 import logging
 import os
+import re
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Iterable, Sequence
@@ -71,11 +71,16 @@ def _matches(name: str, patterns: str) -> bool:
     matched = False
     for pattern in patterns.split(","):
         negated = pattern.startswith("!")
-        if fnmatch.fnmatchcase(name.lower(), pattern.lstrip("!").lower()):
+        if _wildcard(pattern.lstrip("!")).fullmatch(name.lower()):
             if negated:
                 return False
             matched = True
     return matched
+
+
+def _wildcard(pattern: str) -> re.Pattern[str]:
+    """OpenSSH's pattern syntax: only `*` and `?` are special (`[` is literal, as in [host]:port)."""
+    return re.compile("".join(".*" if c == "*" else "." if c == "?" else re.escape(c) for c in pattern.lower()))
 
 
 def read_known_keys(files: Iterable[str | Path], name: str) -> list[KnownKey]:

@@ -8,7 +8,7 @@ from __future__ import annotations
 
 import logging
 import threading
-from typing import Callable, Iterable
+from typing import Callable, Iterable, Protocol
 from wsgiref.simple_server import WSGIServer
 
 from prometheus_client import CollectorRegistry, Histogram, start_http_server
@@ -82,12 +82,49 @@ class TunnelCollector:
         yield info
 
 
+class CollectorSet:
+    """Per-host collectors (e.g. Celery workers) that come and go with reloads, as one collector."""
+
+    def __init__(self) -> None:
+        self._lock = threading.Lock()
+        self._items: dict[str, Collector] = {}
+
+    def add(self, key: str, collector: "Collector") -> None:
+        with self._lock:
+            self._items[key] = collector
+
+    def remove(self, key: str) -> None:
+        with self._lock:
+            self._items.pop(key, None)
+
+    def get(self, key: str) -> "Collector | None":
+        with self._lock:
+            return self._items.get(key)
+
+    def collect(self) -> Iterable[Metric]:
+        with self._lock:
+            items = list(self._items.values())
+        families: dict[str, Metric] = {}
+        for collector in items:  # merge same-named families of several hosts into one
+            for family in collector.collect():
+                if family.name not in families:
+                    families[family.name] = Metric(family.name, family.documentation, family.type, family.unit)
+                families[family.name].samples.extend(family.samples)
+        return list(families.values())
+
+
+class Collector(Protocol):
+    def collect(self) -> Iterable[Metric]: ...
+
+
 class AgentMetrics:
     """The registry and the HTTP server of the agent's own metrics."""
 
-    def __init__(self, tunnels: Callable[[], Iterable[HostTunnel]]) -> None:
+    def __init__(self, tunnels: Callable[[], Iterable[HostTunnel]], extra: Collector | None = None) -> None:
         self.registry = CollectorRegistry(auto_describe=False)
         self.registry.register(TunnelCollector(tunnels))
+        if extra is not None:
+            self.registry.register(extra)
         ProcessCollector(registry=self.registry)
         PlatformCollector(registry=self.registry)
         self.connect_duration = Histogram("tunnel_connect_duration_seconds",
