@@ -69,6 +69,7 @@ def resolve_host(
 
     def pick(key: str, default: str | None = None) -> str | None:
         if key in options:
+            validate_ssh_option(key, options[key], f"-o {key}")
             return options[key]
         value = found.get(key.lower())
         if value is not None:

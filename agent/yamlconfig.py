@@ -35,6 +35,7 @@ from .config import (
     HostConfig,
     parse_listen_addr,
     parse_port,
+    validate_ssh_option,
 )
 from .errors import UsageError
 
@@ -230,7 +231,12 @@ def _host(node: _Node, defaults: dict[str, _Node], ssh_config: paramiko.SSHConfi
     for key, option in _SSH_OPTION_KEYS.items():
         if key in fields and option not in options:
             value = fields[key].scalar()
-            options[option] = ("yes" if value else "no") if isinstance(value, bool) else str(value)
+            text = ("yes" if value else "no") if isinstance(value, bool) else str(value)
+            try:
+                validate_ssh_option(option, text, key)
+            except UsageError as exc:
+                raise fields[key].fail(f"is invalid: {exc}") from None
+            options[option] = text
     identities = list(cli_identities)
     if "identity_file" in fields:
         identity = fields["identity_file"]
