@@ -55,6 +55,11 @@ def load_identities(paths: Sequence[str], identities_only: bool = False) -> Iden
         except paramiko.PasswordRequiredException:
             result.locked.append(str(path))
             continue
+        except TypeError as exc:  # paramiko 4+/cryptography: "Key is password-protected, but ..."
+            if "password" not in str(exc).lower():
+                raise
+            result.locked.append(str(path))
+            continue
         except (paramiko.SSHException, ValueError, OSError) as exc:
             raise UsageError(f"identity file {path} is not a usable private key ({exc}): "
                              "pass a private key (not the .pub) in OpenSSH or PEM format") from None

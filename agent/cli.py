@@ -9,7 +9,7 @@ import logging
 import os
 import sys
 from pathlib import Path
-from typing import Sequence
+from typing import Callable, Sequence
 
 from . import __version__
 from .config import (
@@ -109,6 +109,24 @@ def config_from_args(args: argparse.Namespace) -> AgentConfig:
     return AgentConfig(hosts=(host,), **common)  # type: ignore[arg-type]
 
 
+def config_reloader(args: argparse.Namespace) -> Callable[[AgentConfig], AgentConfig] | None:
+    """What SIGHUP runs: the YAML file read again (keeping local ports), or None without a file."""
+    config_file = args.config or (None if args.destination else _default_config())
+    if not config_file:
+        return None
+
+    def reload(current: AgentConfig) -> AgentConfig:
+        from .sshconfig import load_ssh_config
+        from .yamlconfig import load_config, port_memory
+
+        return load_config(config_file, ssh_config=load_ssh_config(args.ssh_config),
+                           overrides={**sd_options(args), **agent_options(args)},
+                           options=dict(parse_ssh_option(o) for o in args.options),
+                           identity_files=tuple(args.identities), previous_ports=port_memory(current))
+
+    return reload
+
+
 def _default_config() -> str | None:
     from .yamlconfig import default_config_path
 
@@ -181,7 +199,7 @@ def main(argv: Sequence[str] | None = None) -> int:
             return run_check(config)
         from .app import Agent
 
-        agent = Agent(config, show_status=not args.quiet)
+        agent = Agent(config, show_status=not args.quiet, reload_config=config_reloader(args))
         if agent.status is not None:
             agent.status.header = _header(config)
         return agent.run()

@@ -58,6 +58,7 @@ class DemoPipeline:
     def start(self) -> dict[int, int]:
         """Start every exporter; return {production port: actual local port}."""
         ports = {e.remote_port: e.start() for e in self.exporters.values()}
+        self._step()  # the first scrape already sees traffic
         self._thread.start()
         return ports
 
@@ -69,8 +70,11 @@ class DemoPipeline:
 
     def _simulate(self) -> None:
         while not self._stop.wait(SIMULATION_STEP):
-            for step in self._steps:
-                step()
+            self._step()
+
+    def _step(self) -> None:
+        for step in self._steps:
+            step()
 
     # -- one function per exporter: declare its metrics, return the step that moves them ----------
     def _api(self) -> Callable[[], None]:

@@ -98,7 +98,8 @@ class AgentProcess:
             raise AssertionError(f"agent exited with {self.proc.returncode}: {self.output()[-2000:]}")
 
     def output(self) -> str:
-        self._log.flush()
+        if not self._log.closed:
+            self._log.flush()
         return self.log_path.read_text(errors="replace")
 
     def stop(self, timeout: float = 15.0) -> int:
