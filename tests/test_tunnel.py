@@ -212,3 +212,50 @@ def test_sighup_reload_touches_only_changed_hosts(make_remote_host, tmp_path: Pa
         wait_until(lambda: "reload failed, keeping the running config" in agent.output(), 10, "reload error")
         assert agent.value('tunnel_up{host="added"}') == 1
         assert agent.stop() == 0, agent.output()
+
+
+def test_keys_from_ssh_agent_are_used(remote_host: RemoteHost, tmp_path: Path):
+    """A passphrase-protected key is fine when ssh-agent holds it (no -i, no key file read)."""
+    locked = keygen(tmp_path / "locked_key", passphrase="correct horse battery")
+    remote_host.authorized_keys.write_text(Path(f"{locked}.pub").read_text())
+    remote_host.serve_metrics(9121, name="redis")
+    sock = tmp_path / "agent.sock"
+    ssh_agent = subprocess.Popen(["ssh-agent", "-D", "-a", str(sock)], stdout=subprocess.DEVNULL)
+    try:
+        wait_until(sock.exists, 10, "ssh-agent socket")
+        _ssh_add(locked, sock)
+        known = tmp_path / "known_hosts"
+        known.write_text(remote_host.known_hosts_line())
+        local = free_port()
+        args = ["-q", "-F", "none", "-o", f"UserKnownHostsFile={known}", "-L", f"{local}:127.0.0.1:9121",
+                f"root@{remote_host.addr}"]
+        with AgentProcess(args, tmp_path, env={"SSH_AUTH_SOCK": str(sock), "HOME": str(tmp_path)}) as agent:
+            agent.wait_up()
+            assert page_name(wait_fetch(f"http://127.0.0.1:{local}/metrics")) == "redis"
+            assert agent.stop() == 0
+    finally:
+        ssh_agent.terminate()
+        ssh_agent.wait(5)
+
+
+def _ssh_add(key: Path, sock: Path) -> None:
+    """ssh-add a passphrase-protected key non-interactively (the passphrase comes from an askpass script)."""
+    askpass = key.parent / "askpass.sh"
+    askpass.write_text("#!/bin/sh\necho 'correct horse battery'\n")
+    askpass.chmod(0o700)
+    subprocess.run(["ssh-add", "-q", str(key)], check=True, capture_output=True, timeout=10, stdin=subprocess.DEVNULL,
+                   env={"SSH_AUTH_SOCK": str(sock), "SSH_ASKPASS": str(askpass), "SSH_ASKPASS_REQUIRE": "force",
+                        "DISPLAY": ":0", "PATH": "/usr/bin:/bin"})
+
+
+def test_connection_refused_is_reported_and_retried(remote_host: RemoteHost):
+    remote_host.stop_sshd()
+    local = free_port()
+    with AgentProcess.for_host(remote_host, [f"{local}:127.0.0.1:9121"]) as agent:
+        log = _agent_error(agent, "refused")
+        assert f"connection to {remote_host.addr}:22 refused: is sshd running there" in log
+        remote_host.start_sshd()
+        remote_host.serve_metrics(9121, name="redis")
+        agent.wait_up(timeout=45)  # the backoff is capped at 30 s
+        assert page_name(wait_fetch(f"http://127.0.0.1:{local}/metrics")) == "redis"
+        assert agent.stop() == 0
