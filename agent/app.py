@@ -11,6 +11,7 @@ import signal
 import threading
 from typing import Callable, Iterable, TextIO
 
+from . import __version__
 from .auth import Identities, load_identities
 from .config import AgentConfig, HostConfig
 from .discovery import write_file_sd
@@ -85,11 +86,19 @@ class Agent:
         for tunnel in prepared:
             self._add_collectors(tunnel.host)
         if self.status is not None:
+            self.status.header = self.header()
             self.status.start()
         for tunnel in prepared:
             tunnel.start()
         self.prober.start()
         self.on_started()
+
+    def header(self) -> str:
+        """The first line of the live status."""
+        forwards = sum(len(h.forwards) for h in self.config.hosts)
+        metrics = f"metrics {self.metrics_url}" if self.metrics_url else "metrics off"
+        return (f"tunnel {__version__} - {len(self.config.hosts)} host(s), {forwards} forward(s) - {metrics} - "
+                "Ctrl-C to stop")
 
     def _prepare(self, host: HostConfig) -> HostTunnel:
         identities = self._identities(host)

@@ -200,8 +200,6 @@ def main(argv: Sequence[str] | None = None) -> int:
         from .app import Agent
 
         agent = Agent(config, show_status=not args.quiet, reload_config=config_reloader(args))
-        if agent.status is not None:
-            agent.status.header = _header(config)
         return agent.run()
     except AgentError as exc:
         print(f"tunnel: error: {exc}", file=sys.stderr)
@@ -214,10 +212,3 @@ def main(argv: Sequence[str] | None = None) -> int:
         print(f"tunnel: internal error: {type(exc).__name__}: {exc} (run with -v for details and report it)",
               file=sys.stderr)
         return 1
-
-
-def _header(config: AgentConfig) -> str:
-    forwards = sum(len(h.forwards) for h in config.hosts)
-    metrics = (f"metrics http://{config.metrics_addr[0]}:{config.metrics_addr[1]}/metrics"
-               if config.metrics_addr else "metrics off")
-    return f"tunnel {__version__} - {len(config.hosts)} host(s), {forwards} forward(s) - {metrics} - Ctrl-C to stop"

@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import logging
 import threading
+import time
 from concurrent.futures import ThreadPoolExecutor
 from typing import Callable, Iterable
 
@@ -38,7 +39,9 @@ def probe_forward(stats: ForwardStats, session: requests.Session, timeout: float
         response = session.get(probe_url(forward), timeout=timeout, auth=forward.basic_auth,
                                headers={"Connection": "close"})
     except requests.RequestException as exc:
-        stats.probe_ok, stats.probe_detail = False, _why(exc, forward)
+        started = time.time() - timeout - 1
+        channel_error = stats.last_error if stats.last_error_at >= started else ""
+        stats.probe_ok, stats.probe_detail = False, channel_error or _why(exc, forward)
         return False
     if response.status_code >= 500:
         stats.probe_ok, stats.probe_detail = False, f"exporter answered HTTP {response.status_code}"
