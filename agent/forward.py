@@ -224,7 +224,7 @@ def serve_connection(conn: socket.socket, peer: tuple, forward: Forward, stats: 
         sent, received = _pump(conn, chan)
     finally:
         if chan is not None:
-            chan.close()
+            _shutdown(chan)
         _shutdown(conn)
         conn.close()
         stats.closed(sent, received)
@@ -285,5 +285,5 @@ def _shutdown(end: socket.socket | paramiko.Channel) -> None:
             end.close()
         else:
             end.shutdown(socket.SHUT_RDWR)
-    except OSError:
+    except (OSError, EOFError, paramiko.SSHException):  # a channel of a transport that is already gone
         pass
