@@ -181,6 +181,7 @@ class Agent:
                 tunnel.stop()
         failed = []
         for name in added:
+            assert self.acceptor is not None, "reload before start"
             try:
                 tunnel = self._prepare(new_hosts[name])
                 tunnel.acceptor = self.acceptor

@@ -115,7 +115,7 @@ def _network_steps(host: HostConfig, report: Report) -> bool:
         infos = socket.getaddrinfo(host.hostname, host.port, type=socket.SOCK_STREAM)
     except socket.gaierror as exc:
         return report.add(Row(name, "dns", False, f"{host.hostname}: {exc.strerror}", _HINTS["dns"]))
-    addresses = sorted({info[4][0] for info in infos})
+    addresses = sorted({str(info[4][0]) for info in infos})
     report.add(Row(name, "dns", True, f"{host.hostname} -> {', '.join(addresses)}"))
     started = time.monotonic()
     try:
@@ -128,7 +128,8 @@ def _network_steps(host: HostConfig, report: Report) -> bool:
     except OSError as exc:
         return report.add(Row(name, "tcp connect", False, f"{host.hostname}:{host.port}: {exc.strerror}",
                               _HINTS["unreachable"]))
-    report.add(Row(name, "tcp connect", True, f"{host.hostname}:{host.port} in {(time.monotonic() - started) * 1000:.1f}ms"))
+    elapsed_ms = (time.monotonic() - started) * 1000
+    report.add(Row(name, "tcp connect", True, f"{host.hostname}:{host.port} in {elapsed_ms:.1f}ms"))
     try:
         with sock:
             sock.settimeout(host.connect_timeout)

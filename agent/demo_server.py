@@ -12,6 +12,12 @@ import threading
 from typing import Mapping
 
 import paramiko
+from paramiko.common import (
+    AUTH_FAILED,
+    AUTH_SUCCESSFUL,
+    OPEN_FAILED_ADMINISTRATIVELY_PROHIBITED,
+    OPEN_SUCCEEDED,
+)
 
 from .forward import _pump as pump  # the data path of the agent itself, run on the server side
 
@@ -31,18 +37,18 @@ class _Policy(paramiko.ServerInterface):
 
     def check_auth_publickey(self, username: str, key: paramiko.PKey) -> int:
         if key.asbytes() == self._client_key.asbytes():
-            return paramiko.AUTH_SUCCESSFUL
-        return paramiko.AUTH_FAILED
+            return AUTH_SUCCESSFUL
+        return AUTH_FAILED
 
     def check_channel_request(self, kind: str, chanid: int) -> int:
-        return paramiko.OPEN_FAILED_ADMINISTRATIVELY_PROHIBITED  # no shell, no exec, no session
+        return OPEN_FAILED_ADMINISTRATIVELY_PROHIBITED  # no shell, no exec, no session
 
     def check_channel_direct_tcpip_request(self, chanid: int, origin: tuple, destination: tuple) -> int:
         host, port = destination
         if host != "127.0.0.1" or port not in self._ports:
-            return paramiko.OPEN_FAILED_ADMINISTRATIVELY_PROHIBITED
+            return OPEN_FAILED_ADMINISTRATIVELY_PROHIBITED
         self.destinations[chanid] = self._ports[port]
-        return paramiko.OPEN_SUCCEEDED
+        return OPEN_SUCCEEDED
 
     def check_global_request(self, kind: str, msg: paramiko.Message) -> bool:
         return kind == "keepalive@openssh.com"

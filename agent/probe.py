@@ -7,6 +7,7 @@ many forwards run in a small thread pool, so one slow exporter never delays the 
 """
 from __future__ import annotations
 
+import functools
 import logging
 import threading
 import time
@@ -67,7 +68,7 @@ class Prober:
                  extra_jobs: Iterable[Callable[[], None]] = ()) -> None:
         self._tunnels = tunnels
         self._scheduler = schedule.Scheduler()
-        self._scheduler.every(interval).seconds.do(self.probe_all)
+        self._scheduler.every(max(1, round(interval))).seconds.do(self.probe_all)
         self._extra_jobs = list(extra_jobs)
         self._pool = ThreadPoolExecutor(PROBE_WORKERS, thread_name_prefix="probe")
         self._session = requests.Session()
@@ -97,7 +98,7 @@ class Prober:
         if tunnel.stats.state != "up":
             return
         for stats in tunnel.forwards.values():
-            self._submit(lambda s=stats: probe_forward(s, self._session))
+            self._submit(functools.partial(probe_forward, stats, self._session))
 
     def _submit(self, job: Callable[[], object]) -> None:
         if not self._stop.is_set():

@@ -65,7 +65,8 @@ def render(tunnels: Iterable[HostTunnel], width: int = 120) -> list[str]:
             error = f"  {f.last_error} ({_age(f.last_error_at)})" if f.last_error else ""
             if f.probe_ok is False and f.probe_detail:
                 error = f"  {f.probe_detail}"
-            row = (f"  {name:<10} {f.forward.local:<21} -> {f.forward.remote:<21} {forward_state(tunnel, name):<8}"
+            state = forward_state(tunnel, name)
+            row = (f"  {name:<10} {f.forward.local:<21} -> {f.forward.remote:<21} {state:<8}"
                    f" conns {f.active:<3} in {_bytes(f.bytes_from_remote):>8} out {_bytes(f.bytes_to_remote):>8}{error}")
             lines.append(row[:width])
     return lines

@@ -173,9 +173,10 @@ def _build(root: _Node, ssh_config: paramiko.SSHConfig, overrides: dict[str, obj
         raise top["hosts"].fail("is empty: add at least one host")
     hosts = [_host(node, defaults, ssh_config, options, identity_files) for node in hosts_nodes]
     names: dict[str, _Node] = {}
-    for host, node in zip(hosts, hosts_nodes):
+    for host, node in zip(hosts, hosts_nodes, strict=True):
         if host.name in names:
-            raise node.fail(f"name {host.name!r} is used twice (also at {names[host.name].where}): names must be unique")
+            raise node.fail(f"name {host.name!r} is used twice (also at {names[host.name].where}): "
+                            "names must be unique")
         names[host.name] = node
     hosts = _assign_local_ports(hosts, hosts_nodes, port_range, previous_ports)
 
@@ -342,7 +343,7 @@ def _assign_local_ports(hosts: list[HostConfig], nodes: list[_Node], port_range:
                         previous: PortMemory) -> list[HostConfig]:
     """Give every forward without local_port a free port of the range; report any collision by line."""
     taken: dict[tuple[str, int], str] = {}
-    for host, node in zip(hosts, nodes):
+    for host, node in zip(hosts, nodes, strict=True):
         for forward in host.forwards:
             if forward.local_port:
                 key = (forward.bind, forward.local_port)
@@ -361,7 +362,7 @@ def _assign_local_ports(hosts: list[HostConfig], nodes: list[_Node], port_range:
                 used.add(port)
     free = (p for p in range(port_range[0], port_range[1] + 1) if p not in used)
     result = []
-    for host, node in zip(hosts, nodes):
+    for host, node in zip(hosts, nodes, strict=True):
         forwards = []
         for forward in host.forwards:
             if not forward.local_port:

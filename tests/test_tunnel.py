@@ -34,7 +34,7 @@ def test_default_forwards_end_to_end_and_clean_sigterm(remote_host: RemoteHost):
                                for n, _ in DEFAULT_FORWARDS), 20, "every forward probed up")
         threads_before_stop = len(list(Path(f"/proc/{agent.proc.pid}/task").iterdir()))
         assert threads_before_stop < 40
-        assert agent.stop() == 0
+        assert agent.stop() == 0, agent.output()
     for _, port in DEFAULT_FORWARDS:  # listeners closed
         with pytest.raises(OSError):
             fetch(f"http://127.0.0.1:{port}/metrics", timeout=1)
@@ -55,7 +55,7 @@ def test_forward_counts_bytes_and_reports_metrics(remote_host: RemoteHost):
         metrics = agent.metrics()
         assert metrics[f'tunnel_up{{host="{host}"}}'] == 1
         assert any(k.startswith("tunnel_connect_duration_seconds_count") for k in metrics)
-        assert agent.stop() == 0
+        assert agent.stop() == 0, agent.output()
 
 
 def test_ssh_config_alias_through_a_jump_host(make_remote_host, tmp_path: Path):
@@ -85,7 +85,7 @@ def test_ssh_config_alias_through_a_jump_host(make_remote_host, tmp_path: Path):
         agent.wait_up()
         assert page_name(wait_fetch(f"http://127.0.0.1:{local}/metrics")) == "postgres"
         assert agent.value('tunnel_up{host="prod-db"}') == 1
-        assert agent.stop() == 0
+        assert agent.stop() == 0, agent.output()
 
 
 def _agent_error(agent: AgentProcess, reason: str) -> str:
@@ -105,7 +105,7 @@ def test_unknown_host_key_is_refused_and_never_forwards(remote_host: RemoteHost)
         with pytest.raises((urllib.error.URLError, ConnectionError, OSError)):
             fetch(f"http://127.0.0.1:{local}/metrics", timeout=5)
         assert empty.read_text() == ""
-        assert agent.stop() == 0
+        assert agent.stop() == 0, agent.output()
 
 
 def test_changed_host_key_is_refused_loudly(remote_host: RemoteHost):
@@ -120,7 +120,7 @@ def test_changed_host_key_is_refused_loudly(remote_host: RemoteHost):
         assert "HOST KEY CHANGED" in log and "ssh-keygen -R" in log
         with pytest.raises(OSError):
             fetch(f"http://127.0.0.1:{local}/metrics", timeout=5)
-        assert agent.stop() == 0
+        assert agent.stop() == 0, agent.output()
 
 
 def test_accept_new_records_the_key_and_connects(remote_host: RemoteHost):
@@ -132,7 +132,7 @@ def test_accept_new_records_the_key_and_connects(remote_host: RemoteHost):
         agent.wait_up()
         assert page_name(wait_fetch(f"http://127.0.0.1:{local}/metrics")) == "redis"
         assert known.read_text().split()[:2] == remote_host.known_hosts_line().split()[:2]
-        assert agent.stop() == 0
+        assert agent.stop() == 0, agent.output()
 
 
 def check(remote_host: RemoteHost, *forwards: str) -> subprocess.CompletedProcess:
@@ -174,7 +174,7 @@ def test_demo_runs_the_whole_chain(tmp_path: Path):
         targets = json.loads(sd_file.read_text())
         assert {t["labels"]["job"] for t in targets} == set(ports)
         assert "http://127.0.0.1:" in agent.output() and "Ctrl-C" in agent.output()
-        assert agent.stop() == 0
+        assert agent.stop() == 0, agent.output()
 
 
 def test_sighup_reload_touches_only_changed_hosts(make_remote_host, tmp_path: Path):
@@ -232,7 +232,7 @@ def test_keys_from_ssh_agent_are_used(remote_host: RemoteHost, tmp_path: Path):
         with AgentProcess(args, tmp_path, env={"SSH_AUTH_SOCK": str(sock), "HOME": str(tmp_path)}) as agent:
             agent.wait_up()
             assert page_name(wait_fetch(f"http://127.0.0.1:{local}/metrics")) == "redis"
-            assert agent.stop() == 0
+            assert agent.stop() == 0, agent.output()
     finally:
         ssh_agent.terminate()
         ssh_agent.wait(5)
@@ -258,4 +258,4 @@ def test_connection_refused_is_reported_and_retried(remote_host: RemoteHost):
         remote_host.serve_metrics(9121, name="redis")
         agent.wait_up(timeout=45)  # the backoff is capped at 30 s
         assert page_name(wait_fetch(f"http://127.0.0.1:{local}/metrics")) == "redis"
-        assert agent.stop() == 0
+        assert agent.stop() == 0, agent.output()
