@@ -32,6 +32,13 @@ Public API (stable; other helpers build on it):
         pipe.workers_alive() -> {worker: bool}           # Flower's /api/workers?status=true
     # close() (by __exit__) stops everything it started, by PID, and removes its files.
 
+    with tunnel_account(host):                           # the real restricted account `tunnel`
+        host.start_sshd()                                # sshd_config now ends with the Match block
+        ...                                              # connect as tunnel@host.addr with host.client_key
+    # The user is created (useradd, home in the host's workdir) and removed (userdel -r) around the block;
+    # a lock file serialises tests of concurrent runs that need the same account. The host's workdir must
+    # be readable by the account (sshd reads authorized_keys as the user): use traversable_workdir().
+
 Calls from the test process into the namespace (HTTP, Redis) run on threads that entered the namespace
 with setns(2), so they cost no process start. Start-up runs everything at once and polls all readiness
 conditions together (about 5 s on 2 cores).
@@ -39,7 +46,9 @@ conditions together (about 5 s on 2 cores).
 from __future__ import annotations
 
 import ctypes
+import fcntl
 import importlib.util
+import pwd
 import os
 import re
 import secrets
@@ -54,8 +63,9 @@ import urllib.error
 import urllib.request
 from base64 import b64encode
 from concurrent.futures import ThreadPoolExecutor
+from contextlib import contextmanager
 from pathlib import Path
-from typing import Callable, TypeVar
+from typing import Callable, Iterator, TypeVar
 
 from remote_host import RemoteHost, wait_until
 
@@ -73,6 +83,68 @@ REDIS_PORT, POSTGRES_PORT = 6379, 5432
 SERVICES = ("redis", "postgres", "api", "flower", "redis_exporter", "postgres_exporter")
 CLONE_NEWNET = 0x40000000
 T = TypeVar("T")
+
+TUNNEL_USER = "tunnel"
+TUNNEL_FRAGMENT = SERVER_SIDE / "sshd" / "tunnel-account.conf"
+_ACCOUNT_LOCK = Path("/run/lock/ssh-tunnel-agent-tests-tunnel-user.lock")
+_ACCOUNT_MARK = "ssh-tunnel-agent test account, pid "
+
+
+def traversable_workdir(prefix: str = "remote-host-") -> Path:
+    """A fresh directory under /tmp that other users may traverse (0711): pass it as RemoteHost(workdir=...)
+    when a non-root account must log in (sshd reads authorized_keys as that user). Remove it yourself."""
+    path = Path(tempfile.mkdtemp(prefix=prefix))
+    os.chmod(path, 0o711)
+    return path
+
+
+def _user_exists(name: str) -> pwd.struct_passwd | None:
+    try:
+        return pwd.getpwnam(name)
+    except KeyError:
+        return None
+
+
+@contextmanager
+def tunnel_account(host: RemoteHost, timeout: float = 300.0) -> Iterator[str]:
+    """The real account `tunnel` (login shell /bin/sh, home in the host's workdir) for the duration of the
+    block, with server-side/sshd/tunnel-account.conf appended to the host's sshd_config (sshd_extra).
+
+    Start (or restart) sshd inside the block. A user `tunnel` that this helper did not create is never
+    touched (the test fails instead); a stale one from a killed test run (its pid is gone) is removed first.
+    """
+    _ACCOUNT_LOCK.parent.mkdir(parents=True, exist_ok=True)
+    lock = open(_ACCOUNT_LOCK, "w")
+    try:
+        deadline = time.monotonic() + timeout
+        while True:
+            try:
+                fcntl.flock(lock, fcntl.LOCK_EX | fcntl.LOCK_NB)
+                break
+            except BlockingIOError:
+                if time.monotonic() > deadline:
+                    raise TimeoutError(f"{_ACCOUNT_LOCK} held for {timeout:.0f}s by another test run") from None
+                time.sleep(0.2)
+        existing = _user_exists(TUNNEL_USER)
+        if existing is not None:
+            pid = existing.pw_gecos.removeprefix(_ACCOUNT_MARK)
+            if existing.pw_gecos.startswith(_ACCOUNT_MARK) and pid.isdigit() and not Path(f"/proc/{pid}").exists():
+                subprocess.run(["userdel", "-r", TUNNEL_USER], capture_output=True)
+            else:
+                raise RuntimeError(f"a user {TUNNEL_USER!r} already exists on this machine and is not ours: "
+                                   "not touching it")
+        home = host.workdir / "home-tunnel"
+        subprocess.run(["useradd", "-m", "-d", str(home), "-s", "/bin/sh", "-p", "*", "-c", f"{_ACCOUNT_MARK}{os.getpid()}",
+                        TUNNEL_USER], check=True, capture_output=True)
+        try:
+            host.sshd_extra = [*host.sshd_extra, *TUNNEL_FRAGMENT.read_text().splitlines()]
+            yield TUNNEL_USER
+        finally:
+            host.kill_sessions()  # no process of the account may outlive it
+            if subprocess.run(["userdel", "-r", TUNNEL_USER], capture_output=True).returncode not in (0, 12):
+                subprocess.run(["userdel", "-r", "-f", TUNNEL_USER], capture_output=True)
+    finally:
+        lock.close()
 
 
 def _enter_netns(ns: str) -> None:
