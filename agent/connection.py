@@ -8,7 +8,10 @@
 """
 from __future__ import annotations
 
+import errno
 import logging
+import os
+import selectors
 import socket
 import threading
 import time
@@ -46,10 +49,13 @@ class AgentTransport(paramiko.Transport):
         finally:
             self._on_close()
 
-    def send_keepalive(self) -> "Reply":
-        """Send keepalive@openssh.com with want-reply; the returned event is set when any reply comes."""
+    def send_keepalive(self, on_reply: Callable[[], None] = lambda: None) -> "Reply":
+        """Send keepalive@openssh.com with want-reply; the returned event is set when any reply comes.
+
+        `on_reply` runs (on the reader thread) when it comes, so the watcher can take the RTT at once.
+        """
         with self._keepalive_lock:
-            replied = Reply()
+            replied = Reply(on_reply)
             self.completion_event = replied  # paramiko sets it on REQUEST_SUCCESS/FAILURE
             message = Message()
             message.add_byte(cMSG_GLOBAL_REQUEST)
@@ -60,13 +66,66 @@ class AgentTransport(paramiko.Transport):
 
 
 class Reply(threading.Event):
-    """An event that remembers when it was set (the keepalive reply's arrival)."""
+    """An event that remembers when it was set (the keepalive reply's arrival) and calls back."""
 
-    at: float = 0.0
+    def __init__(self, on_set: Callable[[], None] = lambda: None) -> None:
+        super().__init__()
+        self.at = 0.0
+        self._on_set = on_set
 
     def set(self) -> None:
         self.at = time.monotonic()
         super().set()
+        self._on_set()
+
+
+class Cancel:
+    """Lets another thread abort a connection attempt in progress (TCP connect, handshake or auth) at once.
+
+    The TCP connect waits in select() on the socket and on this object's wake-up socket; later phases
+    are ended by shutting down the socket they read from. One Cancel serves one supervisor for its life.
+    """
+
+    def __init__(self) -> None:
+        self._r, self._w = socket.socketpair()
+        self._r.setblocking(False)
+        self._lock = threading.Lock()
+        self._sockets: list[socket.socket] = []
+        self.cancelled = False
+
+    def fileno(self) -> int:
+        return self._r.fileno()
+
+    def track(self, sock: socket.socket) -> None:
+        """A socket of the attempt in progress: cancel() shuts it down (forget() when the attempt ends)."""
+        with self._lock:
+            self._sockets.append(sock)
+            cancelled = self.cancelled
+        if cancelled:
+            _shutdown_quietly(sock)
+
+    def forget(self) -> None:
+        with self._lock:
+            self._sockets.clear()
+
+    def cancel(self) -> None:
+        with self._lock:
+            self.cancelled = True
+            sockets = list(self._sockets)
+        try:
+            self._w.send(b"x")
+        except OSError:
+            pass
+        for sock in sockets:
+            _shutdown_quietly(sock)
+
+    def check(self) -> None:
+        if self.cancelled:
+            raise ConnectError("cancelled", "connection attempt cancelled (stopping)")
+
+    def close(self) -> None:
+        self._r.close()
+        self._w.close()
 
 
 @dataclass
@@ -108,15 +167,18 @@ class SSHSession:
 
 
 def connect(host: HostConfig, identities: Identities, on_close: Callable[[], None] = lambda: None,
-            jump_identities: Identities | None = None) -> SSHSession:
-    """Connect, check the host key, authenticate. Raise ConnectError with a reason and a fix."""
+            jump_identities: Identities | None = None, cancel: Cancel | None = None) -> SSHSession:
+    """Connect, check the host key, authenticate. Raise ConnectError with a reason and a fix.
+
+    `cancel` (from another thread) aborts the attempt at once, whatever phase it is in.
+    """
     started = time.monotonic()
     jump_session: SSHSession | None = None
     if host.jump is not None:
-        jump_session = connect(host.jump, jump_identities or identities)
+        jump_session = connect(host.jump, jump_identities or identities, cancel=cancel)
         sock: socket.socket | paramiko.Channel = _channel_through(jump_session, host)
     else:
-        sock = _tcp_connect(host)
+        sock = _tcp_connect(host, cancel)
     transport: AgentTransport | None = None
     try:
         transport = AgentTransport(sock, on_close)
@@ -133,6 +195,8 @@ def connect(host: HostConfig, identities: Identities, on_close: Callable[[], Non
         key = transport.get_remote_server_key()
         checker.check(host.hostname, host.port, key)
         method = authenticate(transport, host.user, identities)
+        if cancel is not None:
+            cancel.check()
         if isinstance(sock, socket.socket):
             sock.settimeout(READER_WAKE_INTERVAL)
         return SSHSession(host, transport, sock, jump_session, method,
@@ -155,7 +219,7 @@ def _tune(transport: AgentTransport, host: HostConfig) -> None:
     transport.daemon = True
 
 
-def _tcp_connect(host: HostConfig) -> socket.socket:
+def _tcp_connect(host: HostConfig, cancel: Cancel | None = None) -> socket.socket:
     try:
         infos = socket.getaddrinfo(host.hostname, host.port, type=socket.SOCK_STREAM)
     except socket.gaierror as exc:
@@ -164,15 +228,20 @@ def _tcp_connect(host: HostConfig) -> socket.socket:
     last: OSError | None = None
     for family, kind, proto, _, address in infos:
         sock = socket.socket(family, kind, proto)
-        sock.settimeout(host.connect_timeout)
         try:
-            sock.connect(address)
+            _connect_cancellable(sock, address, host.connect_timeout, cancel)
         except OSError as exc:
             sock.close()
             last = exc
             continue
+        except BaseException:
+            sock.close()
+            raise
+        sock.settimeout(host.connect_timeout)
         sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
         sock.setsockopt(socket.SOL_SOCKET, socket.SO_KEEPALIVE, 1)
+        if cancel is not None:
+            cancel.track(sock)
         return sock
     target = f"{host.hostname}:{host.port}"
     if isinstance(last, ConnectionRefusedError):
@@ -181,6 +250,35 @@ def _tcp_connect(host: HostConfig) -> socket.socket:
         raise ConnectError("timeout", f"connection to {target} timed out after {host.connect_timeout:g}s: "
                            "check the network/firewall (ConnectTimeout to wait longer)")
     raise ConnectError("unreachable", f"cannot connect to {target}: {getattr(last, 'strerror', last)}")
+
+
+def _connect_cancellable(sock: socket.socket, address: tuple, timeout: float, cancel: Cancel | None) -> None:
+    """sock.connect(address) within `timeout`, returning early (ConnectError) if `cancel` fires."""
+    if cancel is not None:
+        cancel.check()
+    sock.setblocking(False)
+    err = sock.connect_ex(address)
+    if err in (errno.EINPROGRESS, errno.EWOULDBLOCK):
+        with selectors.DefaultSelector() as selector:
+            selector.register(sock, selectors.EVENT_WRITE)
+            if cancel is not None:
+                selector.register(cancel, selectors.EVENT_READ)
+            ready = selector.select(timeout)
+        if cancel is not None:
+            cancel.check()
+        if not ready:
+            raise TimeoutError(errno.ETIMEDOUT, "timed out")
+        err = sock.getsockopt(socket.SOL_SOCKET, socket.SO_ERROR)
+    if err:
+        raise OSError(err, os.strerror(err))
+    sock.setblocking(True)
+
+
+def _shutdown_quietly(sock: socket.socket) -> None:
+    try:
+        sock.shutdown(socket.SHUT_RDWR)
+    except OSError:
+        pass
 
 
 def _channel_through(jump: SSHSession, host: HostConfig) -> paramiko.Channel:

@@ -27,11 +27,13 @@ log = logging.getLogger(__name__)
 
 BUFFER = 65536
 CHANNEL_OPEN_TIMEOUT = 10.0
+#: SSH_MSG_CHANNEL_OPEN_FAILURE reason code -> (metric label, message for the operator)
 _CHANNEL_REASONS = {
-    1: "administratively prohibited (PermitOpen or AllowTcpForwarding on the host refuses this port)",
-    2: "connect failed (nothing listening on that port on the host)",
-    3: "unknown channel type",
-    4: "resource shortage on the host",
+    1: ("administratively_prohibited",
+        "administratively prohibited (PermitOpen or AllowTcpForwarding on the host refuses this port)"),
+    2: ("connect_failed", "connect failed (nothing listening on that port on the host)"),
+    3: ("unknown_channel_type", "unknown channel type"),
+    4: ("resource_shortage", "resource shortage on the host"),
 }
 
 
@@ -47,13 +49,19 @@ class ForwardStats:
     bytes_to_remote: int = 0
     bytes_from_remote: int = 0
     last_error: str = ""
+    last_error_reason: str = ""  # short label for tunnel_forward_last_error_info, e.g. connect_failed
     last_error_at: float = 0.0
+    worked_since_error: bool = True  # a channel opened after the last error (so the next one is news)
     probe_ok: bool | None = None  # None: not probed yet
     probe_detail: str = ""
     _lock: threading.Lock = field(default_factory=threading.Lock, repr=False)
 
-    def record_error(self, message: str) -> None:
-        self.last_error, self.last_error_at = message, time.time()
+    def record_error(self, message: str, reason: str = "error") -> bool:
+        """Remember a failed connection; True if it is news (worth a warning) rather than a repeat."""
+        news = self.worked_since_error or reason != self.last_error_reason
+        self.last_error, self.last_error_reason, self.last_error_at = message, reason, time.time()
+        self.worked_since_error = False
+        return news
 
     def opened(self) -> None:
         with self._lock:
@@ -210,16 +218,18 @@ def serve_connection(conn: socket.socket, peer: tuple, forward: Forward, stats: 
         try:
             chan = opener.open_forward_channel(forward, (peer[0], peer[1]))
         except paramiko.ChannelException as exc:
-            reason = _CHANNEL_REASONS.get(exc.code, exc.text)
+            reason, text = _CHANNEL_REASONS.get(exc.code, ("channel_refused", exc.text))
             stats.failed_total += 1
-            stats.record_error(f"channel to {forward.remote} refused: {reason}")
-            log.warning("%s: channel to %s refused: %s", forward.name, forward.remote, reason)
+            news = stats.record_error(f"channel to {forward.remote} refused: {text}", reason)
+            log.log(logging.WARNING if news else logging.DEBUG, "%s: channel to %s refused: %s",
+                    forward.name, forward.remote, text)
             return
         except (paramiko.SSHException, EOFError, OSError, TimeoutError) as exc:
             stats.failed_total += 1
-            stats.record_error(f"no SSH connection: {exc}")
+            stats.record_error(f"no SSH connection: {exc}", "ssh_down")
             log.info("%s: connection from %s:%s closed: %s", forward.name, peer[0], peer[1], exc)
             return
+        stats.worked_since_error = True
         live.add(me, chan)
         sent, received = _pump(conn, chan)
     finally:
@@ -244,8 +254,8 @@ def _pump(conn: socket.socket, chan: paramiko.Channel) -> tuple[int, int]:
             if fd == conn_fd:
                 try:
                     data = conn.recv(BUFFER)
-                except OSError:
-                    data = b""
+                except OSError:  # reset by the local client: nobody is left to read an answer
+                    return sent, received
                 if data:
                     try:
                         chan.sendall(data)
@@ -260,7 +270,7 @@ def _pump(conn: socket.socket, chan: paramiko.Channel) -> tuple[int, int]:
                     except (OSError, EOFError):
                         return sent, received
             elif fd == chan_fd:
-                data = chan.recv(BUFFER) if not chan.closed else b""
+                data = chan.recv(BUFFER)  # after the remote CLOSE, buffered data is still there; then b""
                 if data:
                     try:
                         conn.sendall(data)

@@ -50,6 +50,9 @@ class TunnelCollector:
                                   labels=["host", "forward"])
         refused = CounterMetricFamily("tunnel_forward_failures", "Connections that could not get a channel.",
                                       labels=["host", "forward"])
+        fwd_error = GaugeMetricFamily("tunnel_forward_last_error_info",
+                                      "The forward's last channel error (value: its Unix time).",
+                                      labels=["host", "forward", "reason"])
         nbytes = CounterMetricFamily("tunnel_forward_bytes", "Bytes carried by the forward.",
                                      labels=["host", "forward", "direction"])
         for tunnel in self._tunnels():
@@ -68,6 +71,8 @@ class TunnelCollector:
                 listening.add_metric([host, name, f.forward.local], 1.0 if f.listening else 0.0)
                 conns.add_metric([host, name], f.active)
                 refused.add_metric([host, name], f.failed_total)
+                if f.last_error_reason:
+                    fwd_error.add_metric([host, name, f.last_error_reason], f.last_error_at)
                 nbytes.add_metric([host, name, "to_remote"], f.bytes_to_remote)
                 nbytes.add_metric([host, name, "from_remote"], f.bytes_from_remote)
         accepted_total = CounterMetricFamily("tunnel_forward_connections_accepted",
@@ -76,7 +81,7 @@ class TunnelCollector:
             for name, f in tunnel.forwards.items():
                 accepted_total.add_metric([tunnel.host.name, name], f.accepted_total)
         yield from (up, state, reconnects, failures, rtt, last_error, fwd_up, listening, conns,
-                    accepted_total, refused, nbytes)
+                    accepted_total, refused, fwd_error, nbytes)
         info = InfoMetricFamily("tunnel_agent", "Version of the tunnel agent.")
         info.add_metric([], {"version": __version__})
         yield info

@@ -33,12 +33,18 @@ def probe_url(forward: Forward) -> str:
     return f"http://{host}:{forward.local_port}{forward.path}"
 
 
-def probe_forward(stats: ForwardStats, session: requests.Session, timeout: float = PROBE_TIMEOUT) -> bool:
-    """Fetch the forward's metrics page once; record the outcome on `stats`; return whether it answered."""
+def probe_forward(stats: ForwardStats, timeout: float = PROBE_TIMEOUT) -> bool:
+    """Fetch the forward's metrics page once; record the outcome on `stats`; return whether it answered.
+
+    Each probe uses its own connection and closes it: a pooled keep-alive socket would hold a tunnel
+    connection (and its thread) open between probes after the exporter has closed its end.
+    """
     forward = stats.forward
     try:
-        response = session.get(probe_url(forward), timeout=timeout, auth=forward.basic_auth,
-                               headers={"Connection": "close"})
+        with requests.Session() as session:
+            session.trust_env = False  # never send probes of 127.0.0.1 to an HTTP(S)_PROXY
+            response = session.get(probe_url(forward), timeout=timeout, auth=forward.basic_auth,
+                                   headers={"Connection": "close"})
     except requests.RequestException as exc:
         started = time.time() - timeout - 1
         channel_error = stats.last_error if stats.last_error_at >= started else ""
@@ -71,8 +77,6 @@ class Prober:
         self._scheduler.every(max(1, round(interval))).seconds.do(self.probe_all)
         self._extra_jobs = list(extra_jobs)
         self._pool = ThreadPoolExecutor(PROBE_WORKERS, thread_name_prefix="probe")
-        self._session = requests.Session()
-        self._session.trust_env = False  # never send probes of 127.0.0.1 to an HTTP(S)_PROXY
         self._stop = threading.Event()
         self._thread = threading.Thread(target=self._loop, name="prober", daemon=True)
 
@@ -98,7 +102,7 @@ class Prober:
         if tunnel.stats.state != "up":
             return
         for stats in tunnel.forwards.values():
-            self._submit(functools.partial(probe_forward, stats, self._session))
+            self._submit(functools.partial(probe_forward, stats))
 
     def _submit(self, job: Callable[[], object]) -> None:
         if not self._stop.is_set():
@@ -127,4 +131,3 @@ class Prober:
         if self._thread.is_alive():
             self._thread.join(5)
         self._pool.shutdown(wait=True, cancel_futures=True)
-        self._session.close()

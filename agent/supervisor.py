@@ -18,7 +18,7 @@ import paramiko
 from .auth import Identities
 from .backoff import Backoff
 from .config import Forward, HostConfig
-from .connection import SSHSession, connect
+from .connection import Cancel, SSHSession, connect
 from .errors import AgentError, ConnectError
 from .forward import CHANNEL_OPEN_TIMEOUT, Acceptor, ConnectionSet, ForwardStats, bind_listener, serve_connection
 
@@ -73,6 +73,7 @@ class HostTunnel:
         self._wake = threading.Event()
         self._stopping = False
         self._last_nudge = 0.0
+        self._cancel = Cancel()
         self._thread: threading.Thread | None = None
 
     # -- lifecycle --------------------------------------------------------------------------------
@@ -101,6 +102,7 @@ class HostTunnel:
             self._stopping = True
             self._cond.notify_all()
         self._wake.set()
+        self._cancel.cancel()  # a connection attempt in progress (e.g. to a blackholed host) ends now
         for sock, _ in self._listeners:
             self.acceptor.remove(sock)
         self._listeners.clear()
@@ -109,6 +111,8 @@ class HostTunnel:
         self._live.close_all()
         if self._thread is not None:
             self._thread.join(10)
+            if not self._thread.is_alive():
+                self._cancel.close()
         self.stats.set_state("stopped")
 
     # -- used by the data path --------------------------------------------------------------------
@@ -157,29 +161,33 @@ class HostTunnel:
             try:
                 session = self._connect()
             except ConnectError as exc:
-                self._failed(exc.reason, str(exc), exc.slow_retry)
+                self._failed(exc.reason, str(exc), exc.slow_retry, attempt=True)
                 continue
             except Exception as exc:  # a bug or an unexpected library error must not kill the thread
                 log.exception("%s: unexpected error while connecting", self.host.name)
-                self._failed("internal", f"unexpected error: {exc}", False)
+                self._failed("internal", f"unexpected error: {exc}", False, attempt=True)
                 continue
             self._up(session)
             up_since = time.monotonic()
             reason, message = self._watch(session)
+            detected_at = time.time()  # the moment the drop was seen (closing the session may take a while)
             self._down(session)
             if time.monotonic() - up_since >= STABLE_AFTER:
                 self.backoff.reset()  # a flapping link keeps its backoff; a long-lived one starts afresh
             if self._stopping:
                 break
-            self._failed(reason, message, False)
+            self._failed(reason, message, False, at=detected_at)
         self.stats.set_state("stopped")
         self._changed()
 
     def _connect(self) -> SSHSession:
         self._wake.clear()
         started = time.monotonic()
-        session = connect(self.host, self.identities, on_close=self._wake.set,
-                          jump_identities=self.jump_identities)
+        try:
+            session = connect(self.host, self.identities, on_close=self._wake.set,
+                              jump_identities=self.jump_identities, cancel=self._cancel)
+        finally:
+            self._cancel.forget()
         self.stats.connect_durations.append(time.monotonic() - started)
         return session
 
@@ -214,7 +222,7 @@ class HostTunnel:
         interval = self.host.server_alive_interval
         last_reply = time.monotonic()
         sent_at = last_reply - interval  # the first keepalive goes at once: it measures the RTT
-        pending = None
+        pending = None  # the keepalive in flight; the next one goes only after its reply, so RTTs pair up
         while True:
             self._wake.clear()  # cleared before looking, so a close that happens after is not missed
             if self._stopping:
@@ -230,21 +238,24 @@ class HostTunnel:
                 return ("keepalive_timeout",
                         f"no answer from {self.host.destination} for {now - last_reply:.0f}s "
                         f"({self.host.server_alive_count_max} keepalives, {interval:g}s apart): link dead")
-            if now - sent_at >= interval:
+            if pending is None and now - sent_at >= interval:
                 try:
-                    pending = session.transport.send_keepalive()
+                    pending = session.transport.send_keepalive(self._wake.set)
                 except (OSError, EOFError, paramiko.SSHException) as exc:
                     return "disconnected", f"connection to {self.host.destination} lost: {exc}"
                 sent_at = now
-            self._wake.wait(max(0.0, min(sent_at + interval, last_reply + self.host.dead_after) - now))
+            next_keepalive = sent_at + interval if pending is None else float("inf")
+            self._wake.wait(max(0.0, min(next_keepalive, last_reply + self.host.dead_after) - now))
 
-    def _failed(self, reason: str, message: str, slow: bool) -> None:
+    def _failed(self, reason: str, message: str, slow: bool, at: float | None = None, attempt: bool = False) -> None:
+        """Record a failed connection attempt (attempt=True) or a drop, then wait out the backoff."""
         if self._stopping:
             return
         delay = self.backoff.next_delay(slow or reason in _SLOW_REASONS)
-        self.stats.failures_total += 1
+        if attempt:
+            self.stats.failures_total += 1
         self.stats.last_error, self.stats.last_error_reason = message, reason
-        self.stats.last_error_at = time.time()
+        self.stats.last_error_at = at or time.time()
         self.stats.retry_at = time.time() + delay
         self.stats.set_state("backoff")
         log.warning("%s: %s (retry in %.1fs)", self.host.name, message, delay)
