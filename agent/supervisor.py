@@ -74,6 +74,8 @@ class HostTunnel:
         self._stopping = False
         self._last_nudge = 0.0
         self._cancel = Cancel()
+        self._token: object | None = None  # the attempt/session whose events may wake the supervisor
+        self._session_wake: Callable[[], None] = lambda: None
         self._thread: threading.Thread | None = None
 
     # -- lifecycle --------------------------------------------------------------------------------
@@ -180,11 +182,23 @@ class HostTunnel:
         self.stats.set_state("stopped")
         self._changed()
 
+    def _waker(self) -> Callable[[], None]:
+        """A wake-up callback for the current attempt only: a late event of an old (failed or dropped)
+        transport, e.g. its reader thread ending, must not cut a backoff wait short."""
+        token = self._token = object()
+
+        def wake() -> None:
+            if self._token is token:
+                self._wake.set()
+
+        return wake
+
     def _connect(self) -> SSHSession:
         self._wake.clear()
         started = time.monotonic()
+        self._session_wake = self._waker()
         try:
-            session = connect(self.host, self.identities, on_close=self._wake.set,
+            session = connect(self.host, self.identities, on_close=self._session_wake,
                               jump_identities=self.jump_identities, cancel=self._cancel)
         finally:
             self._cancel.forget()
@@ -208,6 +222,7 @@ class HostTunnel:
         self._changed()
 
     def _down(self, session: SSHSession) -> None:
+        self._token = None
         with self._cond:
             self._session = None
         session.close()
@@ -240,7 +255,7 @@ class HostTunnel:
                         f"({self.host.server_alive_count_max} keepalives, {interval:g}s apart): link dead")
             if pending is None and now - sent_at >= interval:
                 try:
-                    pending = session.transport.send_keepalive(self._wake.set)
+                    pending = session.transport.send_keepalive(self._session_wake)
                 except (OSError, EOFError, paramiko.SSHException) as exc:
                     return "disconnected", f"connection to {self.host.destination} lost: {exc}"
                 sent_at = now
@@ -251,6 +266,7 @@ class HostTunnel:
         """Record a failed connection attempt (attempt=True) or a drop, then wait out the backoff."""
         if self._stopping:
             return
+        self._token = None
         delay = self.backoff.next_delay(slow or reason in _SLOW_REASONS)
         if attempt:
             self.stats.failures_total += 1
