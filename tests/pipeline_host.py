@@ -268,8 +268,11 @@ class PipelineHost:
     def close(self) -> None:
         """Stop everything this helper started (by PID) and remove its files."""
         self.stop_load()
-        for name in list(self.procs):
-            self._stop(name)
+        workers = [n for n in self.procs if n.startswith("celery@")]
+        for name in workers:  # clients first, all at once; the broker and database last
+            self.procs[name].send_signal(signal.SIGTERM)
+        for name in [*workers, "api", "flower", "redis_exporter", "postgres_exporter", *list(self.procs)]:
+            self._stop(name, signal.SIGINT if name == "postgres" else signal.SIGTERM)
         self._ns_pool.shutdown(wait=True, cancel_futures=True)
         shutil.rmtree(self.workdir, ignore_errors=True)
 
