@@ -571,3 +571,16 @@ def test_self_metrics_are_complete_and_mean_what_they_say(remote_host: RemoteHos
         assert abs((sample(agent, "process_open_fds") or 0) - fds) <= 5
         assert (sample(agent, "process_resident_memory_bytes") or 0) > 10_000_000
         assert agent.stop() == 0, agent.output()
+
+
+def test_sigterm_while_connecting_to_a_dead_host_exits_at_once(remote_host: RemoteHost):
+    """A connection attempt hanging on a blackholed host (ConnectTimeout 10 s) never delays shutdown."""
+    remote_host.blackhole()
+    local = free_port()
+    with AgentProcess.for_host(remote_host, [f"{local}:127.0.0.1:9121"], "-q") as agent:
+        wait_value(agent, 10, "connecting", "tunnel_state", 1, host=remote_host.addr, state="connecting")
+        stopping = time.monotonic()
+        assert agent.stop() == 0, agent.output()
+        took = time.monotonic() - stopping
+        figure("SIGTERM to exit while connecting to a blackholed host", took)
+        assert took < 3, f"exit took {took:.1f}s (the connect attempt was not cancelled)"
