@@ -481,20 +481,24 @@ def test_1000_open_close_cycles_leave_no_fds_or_threads(remote_host: RemoteHost)
                 sock.close()
         figure("1000 open/close cycles", time.monotonic() - started)
 
+        settled_at: list[tuple[int, int, int]] = []
+
         def settled() -> bool:
             fds, threads = proc_counts(pid)
             remote = sum(len(list(Path(f"/proc/{p}/fd").iterdir())) for p in sessions if Path(f"/proc/{p}").exists())
+            settled_at[:] = [(fds, threads, remote)]
             return fds <= base_fds and threads <= base_threads and remote <= base_remote \
                 and sample(agent, "tunnel_forward_connections", host=remote_host.addr, forward="redis") == 0
 
         try:
             wait_until(settled, 20, "fds and threads back to baseline", interval=0.1)
         except TimeoutError:
-            fds, threads = proc_counts(pid)
-            raise AssertionError(f"after 1000 cycles: fds {fds} (baseline {base_fds}), threads {threads} "
-                                 f"(baseline {base_threads}), metrics {samples(agent, 'tunnel_forward_connections')}")
-        fds, threads = proc_counts(pid)
-        figure("fds / threads after 1000 cycles", fds, "fds", f"baseline {base_fds}; threads {threads}/{base_threads}")
+            raise AssertionError(f"after 1000 cycles: (fds, threads, sshd session fds) {settled_at[0]}, baseline "
+                                 f"{(base_fds, base_threads, base_remote)}, "
+                                 f"{samples(agent, 'tunnel_forward_connections')}") from None
+        fds, threads, remote = settled_at[0]
+        figure("fds / threads / sshd session fds after 1000 cycles", fds, "fds",
+               f"baseline {base_fds}; threads {threads} (baseline {base_threads}); sshd {remote} ({base_remote})")
         accepted = sample(agent, "tunnel_forward_connections_accepted_total", host=remote_host.addr, forward="redis")
         assert accepted is not None and accepted >= 1005
         assert fetch_exact(local) == page
