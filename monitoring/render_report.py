@@ -43,6 +43,8 @@ class PanelQuery:
     thresholds: list[float] = field(default_factory=list)
     threshold_lines: bool = False
     colours: list[tuple[str, float | None]] = field(default_factory=list)
+    decimals: int | None = None
+    sparkline: bool = False
 
     def colour(self, value: float) -> str:
         """The colour of `value` by the panel's threshold steps (Grafana's rule: the last step <= value)."""
@@ -119,7 +121,10 @@ def panel_queries(dashboard: dict[str, Any], variables: dict[str, str]) -> list[
                                   unit=defaults.get("unit", ""),
                                   thresholds=[s["value"] for s in steps if s.get("value") is not None],
                                   threshold_lines=mode != "off",
-                                  colours=[(s["color"], s.get("value")) for s in steps]))
+                                  colours=[(s["color"], s.get("value")) for s in steps],
+                                  decimals=defaults.get("decimals"),
+                                  sparkline=panel["type"] == "stat" and "$__range" not in target["expr"]
+                                  and "${__range" not in target["expr"]))
     return out
 
 
@@ -158,7 +163,7 @@ def legend(fmt: str, labels: dict[str, str]) -> str:
 
 def fetch(prom: Prometheus, query: PanelQuery, start: float, end: float, step: float) -> list[Series]:
     """The data of one query: a range for time series and timelines, one instant value for stats."""
-    if query.type == "stat":
+    if query.type == "stat" and not query.sparkline:
         result = prom.query(query.expr, end)
         return [Series(legend(query.legend, r["metric"]), [float(r["value"][0])], [float(r["value"][1])])
                 for r in result]
@@ -167,9 +172,11 @@ def fetch(prom: Prometheus, query: PanelQuery, start: float, end: float, step: f
                    [float(v) for _, v in r["values"]]) for r in result]
 
 
-def fmt_value(value: float, unit: str) -> str:
+def fmt_value(value: float, unit: str, decimals: int | None = None) -> str:
     if math.isnan(value):
         return "NaN"
+    if decimals is not None and unit in ("short", "none", ""):
+        return f"{value:.{decimals}f}"
     if unit == "bytes":
         for suffix in ("B", "KiB", "MiB", "GiB", "TiB"):
             if abs(value) < 1024 or suffix == "TiB":
@@ -210,9 +217,21 @@ def render(panels: list[tuple[PanelQuery, list[Series]]], out: Path, title: str,
             lines = [(s.name, s.values[-1]) for _, series in items for s in series]
             for i, (label, value) in enumerate(lines):
                 colour = first.colour(value)
-                ax.text(0.5, 0.62 - i * 0.3, fmt_value(value, first.unit), ha="center", va="center", fontsize=26,
-                        color=colour, transform=ax.transAxes)
+                ax.text(0.5, 0.62 - i * 0.3, fmt_value(value, first.unit, first.decimals), ha="center",
+                        va="center", fontsize=26, color=colour, transform=ax.transAxes, zorder=3)
                 ax.text(0.5, 0.40 - i * 0.3, label, ha="center", va="center", fontsize=9, transform=ax.transAxes)
+            if first.sparkline:  # the stat's history under its value, as Grafana's graph mode "area"
+                spark = ax.inset_axes([0.0, 0.0, 1.0, 0.32])
+                for _, series in items:
+                    for s in series:
+                        spark.fill_between([when(t) for t in s.times], s.values, alpha=0.3,
+                                           color=first.colour(s.values[-1]))
+                        spark.plot([when(t) for t in s.times], s.values, linewidth=1, color=first.colour(s.values[-1]))
+                spark.set_xlim(when(start), when(end))
+                spark.set_ylim(bottom=0)
+                spark.tick_params(labelsize=7)
+                spark.xaxis.set_major_formatter(mdates.DateFormatter("%H:%M", tz=timezone.utc))
+                spark.yaxis.set_major_locator(plt.MaxNLocator(3, integer=True))
             continue
         if first.type == "state-timeline":
             labels = [s.name for _, series in items for s in series]
@@ -228,16 +247,19 @@ def render(panels: list[tuple[PanelQuery, list[Series]]], out: Path, title: str,
             if first.threshold_lines:
                 for limit in first.thresholds:
                     ax.axhline(limit, color="tab:red", linestyle="--", linewidth=0.8)
-            ax.yaxis.set_major_formatter(plt.FuncFormatter(lambda v, _: fmt_value(v, first.unit)))
+            ax.yaxis.set_major_formatter(plt.FuncFormatter(lambda v, _, unit=first.unit: fmt_value(v, unit)))
             ax.tick_params(labelsize=8)
             ax.legend(fontsize=7, loc="upper left")
-            ax.set_ylim(bottom=0)
+            peak = max((v for _, series in items for s in series for v in s.values if v == v), default=0.0)
+            ax.set_ylim(bottom=0, top=None if peak > 0 else 1)  # an all-zero line stays visible
         ax.set_xlim(when(start), when(end))
-        ax.xaxis.set_major_formatter(mdates.DateFormatter("%H:%M", tz=timezone.utc))
+        ax.xaxis.set_major_locator(mdates.AutoDateLocator(minticks=3, maxticks=7))
+        ax.xaxis.set_major_formatter(mdates.DateFormatter("%H:%M:%S" if end - start < 900 else "%H:%M",
+                                                          tz=timezone.utc))
     for ax in list(axes.flat)[len(grouped):]:
         ax.axis("off")
     fig.suptitle(title, fontsize=13)
-    fig.tight_layout()
+    fig.tight_layout(rect=(0, 0, 1, 0.975))
     out.parent.mkdir(parents=True, exist_ok=True)
     fig.savefig(out, dpi=80)
     plt.close(fig)
@@ -276,12 +298,15 @@ def main(argv: Sequence[str] | None = None) -> int:
     parser.add_argument("--scrape-interval", default="15s", help="for $__rate_interval (default %(default)s)")
     parser.add_argument("--out", type=Path, default=Path("dashboard-report.png"))
     parser.add_argument("--html", type=Path, help="also write an HTML page with the PNG and every query's values")
+    parser.add_argument("--end", type=float, help="end of the range, Unix time (default: now)")
+    parser.add_argument("--title", help="title of the report (default: dashboard, host, time)")
     args = parser.parse_args(argv)
     try:
         dashboard = load_dashboard(args.dashboard)
         panels, start, end = collect(Prometheus(args.prometheus), dashboard, args.host, args.minutes,
-                                     seconds(args.scrape_interval))
-        title = f"{dashboard['title']} - host=~{args.host} - {time.strftime('%Y-%m-%d %H:%M UTC', time.gmtime(end))}"
+                                     seconds(args.scrape_interval), end=args.end)
+        title = args.title or (f"{dashboard['title']} - host=~{args.host} - "
+                               f"{time.strftime('%Y-%m-%d %H:%M UTC', time.gmtime(end))}")
         render(panels, args.out, title, start, end)
         if args.html:
             write_html(panels, args.out, args.html, title)
