@@ -118,7 +118,10 @@ class Acceptor:
         self._thread.start()
 
     def add(self, sock: socket.socket, handler: Callable[[socket.socket, tuple], None]) -> None:
-        self._call(lambda: self._selector.register(sock, selectors.EVENT_READ, handler))
+        def register() -> None:
+            self._selector.register(sock, selectors.EVENT_READ, handler)
+
+        self._call(register)
 
     def remove(self, sock: socket.socket) -> None:
         """Stop accepting on sock and close it (done on the acceptor thread, so no race with accept)."""

@@ -26,6 +26,7 @@ log = logging.getLogger(__name__)
 
 NUDGE_MIN_INTERVAL = 1.0  # a waiting local connection may trigger a reconnect at most this often
 STABLE_AFTER = 30.0  # a session that lasted this long resets the backoff
+MAX_PENDING_DURATIONS = 1000  # connect durations kept for the histogram between two scrapes
 
 
 @dataclass
@@ -202,7 +203,8 @@ class HostTunnel:
                               jump_identities=self.jump_identities, cancel=self._cancel)
         finally:
             self._cancel.forget()
-        self.stats.connect_durations.append(time.monotonic() - started)
+        if len(self.stats.connect_durations) < MAX_PENDING_DURATIONS:  # nobody scraping: do not grow forever
+            self.stats.connect_durations.append(time.monotonic() - started)
         return session
 
     def _up(self, session: SSHSession) -> None:
@@ -225,6 +227,8 @@ class HostTunnel:
         self._token = None
         with self._cond:
             self._session = None
+        for stats in self.forwards.values():
+            stats.probe_ok = None  # forward_up needs a fresh probe through the next session
         session.close()
         session.join()
 

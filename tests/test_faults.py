@@ -14,16 +14,14 @@ import socket
 import struct
 import threading
 import time
-import urllib.request
 from pathlib import Path
-from typing import Callable, Iterator
 
 import pytest
-
-from agent.backoff import Backoff
-from agent_process import AgentProcess, fetch, free_port, parse_metrics, wait_fetch
+from agent_process import AgentProcess, fetch, free_port, wait_fetch
 from helpers.metrics_http import metrics_page
 from remote_host import RemoteHost, keygen, wait_until
+
+from agent.backoff import Backoff
 
 pytestmark = pytest.mark.netns
 
@@ -54,7 +52,7 @@ def fetch_exact(port: int, timeout: float = 30.0) -> bytes:
     head, _, body = raw.partition(b"\r\n\r\n")
     match = re.search(rb"Content-Length: (\d+)", head)
     assert head.startswith(b"HTTP/1.1 200") and match, f"bad response head {head[:200]!r}"
-    assert len(body) == int(match.group(1)), f"body {len(body)} bytes, Content-Length {match.group(1)}"
+    assert len(body) == int(match.group(1)), f"body {len(body)} bytes, Content-Length {match.group(1)!r}"
     return body
 
 
@@ -89,8 +87,11 @@ def error_reason(agent: AgentProcess, host: str) -> dict[str, float]:
 
 
 def wait_value(agent: AgentProcess, timeout: float, what: str, name: str, expected: float, **labels: str) -> None:
-    wait_until(lambda: (agent.assert_running(), sample(agent, name, **labels) == expected)[1], timeout,
-               f"{what} (log: {agent.output()[-800:]!r})", interval=0.05)
+    def reached() -> bool:
+        agent.assert_running()
+        return sample(agent, name, **labels) == expected
+
+    wait_until(reached, timeout, f"{what} (log: {agent.output()[-800:]!r})", interval=0.05)
 
 
 def fleet(tmp_path: Path, hosts: dict[str, RemoteHost], forwards: dict[str, int], *extra: str,
@@ -529,7 +530,8 @@ def test_self_metrics_are_complete_and_mean_what_they_say(remote_host: RemoteHos
             assert found == kind, f"{name}: TYPE {found!r}, expected {kind}"
 
         # tunnel_ssh_rtt_seconds comes from keepalive round trips: sane, and refreshed by each keepalive.
-        first = wait_until(lambda: sample(agent, "tunnel_ssh_rtt_seconds", host=host), 10, "a keepalive RTT")
+        wait_until(lambda: sample(agent, "tunnel_ssh_rtt_seconds", host=host), 10, "a keepalive RTT")
+        first = sample(agent, "tunnel_ssh_rtt_seconds", host=host)
         assert first is not None and 0 < first < 1, f"rtt {first}"
         wait_until(lambda: sample(agent, "tunnel_ssh_rtt_seconds", host=host) != first, 10, "rtt refreshed")
 
