@@ -227,6 +227,26 @@ def _tasks_with_modules() -> list[dict]:
     return tasks
 
 
+def test_windows_exporter_and_compose_follow_the_server_side_settings() -> None:
+    """The MSI properties repeat server-side/windows/windows_exporter.yml; compose publishes on loopback only."""
+    defaults = yaml.safe_load((ROLES / "exporters" / "defaults" / "main.yml").read_text())
+    settings_path = ROOT / "server-side" / "windows" / "windows_exporter.yml"
+    settings = yaml.safe_load(settings_path.read_text())
+    assert defaults["exporters_windows_exporter_collectors"] == settings["collectors"]["enabled"].split(",")
+    assert settings["web"]["listen-address"] == (f"{defaults['exporters_windows_exporter_listen_address']}:"
+                                                 f"{defaults['exporters_windows_exporter_port']}")
+    assert defaults["exporters_windows_exporter_config_src"].endswith("/../server-side/windows/windows_exporter.yml")
+    version = tuple(int(p) for p in defaults["exporters_windows_exporter_version"].split("."))
+    assert version < (0, 31) or "cs" not in defaults["exporters_windows_exporter_collectors"], \
+        "windows_exporter 0.31 removed the cs collector: its service would not start"
+    compose = yaml.safe_load((ROOT / "server-side" / "compose.yaml").read_text())
+    assert defaults["exporters_windows_compose_src"].endswith("/../server-side/compose.yaml")
+    published = [str(port) for service in compose["services"].values() for port in service.get("ports", [])]
+    assert published and all(p.startswith("127.0.0.1:") for p in published), published
+    assert sorted(int(p.split(":")[1]) for p in published) == sorted(defaults["exporters_windows_compose_ports"])
+    assert set(defaults["exporters_loopback_ports"]) == {8000, 5555, 9187, 9121, 9182}
+
+
 # --- templates rendered by Ansible, checked by a real sshd ---------------------------------------------
 RENDER_PLAYBOOK = """
 - hosts: localhost
@@ -398,6 +418,21 @@ def run_playbook(inventory: Path, home: Path, log: Path) -> dict:
     return report
 
 
+def default_file_settings(path: Path) -> dict[str, object]:
+    """An /etc/default file's variables as the shell reads them, ARGS as a normalised flag set."""
+    script = f'set -a; . "{path}"; python3 -c "import json, os; print(json.dumps(dict(os.environ)))"'
+    env = json.loads(run(["env", "-i", "PATH=/usr/bin:/bin", "sh", "-c", script]).stdout)
+    settings: dict[str, object] = {k: v for k, v in env.items() if k not in ("PATH", "PWD", "SHLVL", "_")}
+    words, flags = str(settings.pop("ARGS", "")).split(), set()
+    while words:
+        word = words.pop(0).lstrip("-")
+        if "=" not in word and words and not words[0].startswith("-"):
+            word += "=" + words.pop(0)
+        flags.add(word)
+    settings["ARGS"] = sorted(flags)
+    return settings
+
+
 def changed_tasks(report: dict) -> list[str]:
     """Names (without the "role : " prefix) of the tasks that reported a change."""
     return [task["task"]["name"].split(" : ", 1)[-1] for play in report["plays"] for task in play["tasks"]
@@ -489,8 +524,10 @@ def test_linux_twin_applied_twice_then_the_agent_tunnels_as_the_restricted_accou
         # What the playbook left on the host.
         entry = pwd.getpwnam(account)
         assert entry.pw_shell == "/usr/sbin/nologin" and entry.pw_dir == str(base / "home" / account)
-        defaults = (base / "default" / "prometheus-redis-exporter").read_text()
-        assert "--web.listen-address=127.0.0.1:9121" in defaults and "--check-single-keys=db0=celery" in defaults
+        for name in ("prometheus-redis-exporter", "prometheus-postgres-exporter"):
+            ours = default_file_settings(base / "default" / name)
+            theirs = default_file_settings(ROOT / "server-side" / "linux" / "default" / name)
+            assert ours == theirs, f"{name}: the role writes {ours}, server-side/linux/default has {theirs}"
         pids = {p.stem: int(p.read_text()) for p in run_dir.glob("*.pid")}
         assert set(pids) == {"prometheus-redis-exporter", "prometheus-postgres-exporter"}, pids
         assert all(_pid_alive(pid) for pid in pids.values()), pids
