@@ -97,11 +97,17 @@ class StatusDisplay:
         if self._interactive:
             return
         state = tunnel.stats.state
-        if self._seen.get(tunnel.host.name) != state:
-            self._seen[tunnel.host.name] = state
+        if state == "up":
+            seen = "up"
+        elif state == "backoff":
+            seen = f"down: {tunnel.stats.last_error}"  # retries of the same error are one line, not one each
+        else:
+            return
+        if self._seen.get(tunnel.host.name) != seen:
+            self._seen[tunnel.host.name] = seen
             if state == "up":
                 log.info("%s: UP (%s)", tunnel.host.name, tunnel.stats.auth_method)
-            elif state == "backoff":
+            else:
                 log.info("%s: DOWN, retrying: %s", tunnel.host.name, tunnel.stats.last_error)
 
     def _loop(self) -> None:

@@ -26,6 +26,7 @@ log = logging.getLogger(__name__)
 
 NUDGE_MIN_INTERVAL = 1.0  # a waiting local connection may trigger a reconnect at most this often
 STABLE_AFTER = 30.0  # a session that lasted this long resets the backoff
+REPEAT_LOG_INTERVAL = 60.0  # the same connection error is logged again at most this often
 MAX_PENDING_DURATIONS = 1000  # connect durations kept for the histogram between two scrapes
 
 
@@ -77,6 +78,7 @@ class HostTunnel:
         self._cancel = Cancel()
         self._token: object | None = None  # the attempt/session whose events may wake the supervisor
         self._session_wake: Callable[[], None] = lambda: None
+        self._logged_error, self._logged_at, self._repeats = "", 0.0, 0  # de-duplicates failure warnings
         self._thread: threading.Thread | None = None
 
     # -- lifecycle --------------------------------------------------------------------------------
@@ -217,6 +219,7 @@ class HostTunnel:
             self.stats.rtt = None
             self.stats.set_state("up")
             self._cond.notify_all()
+        self._logged_error, self._repeats = "", 0  # after a recovery, the next failure is news again
         if self.stats.last_error_reason in _SLOW_REASONS:
             self.backoff.reset()
         log.info("%s: connected to %s (%s, %s)", self.host.name, self.host.destination,
@@ -271,18 +274,31 @@ class HostTunnel:
         if self._stopping:
             return
         self._token = None
-        delay = self.backoff.next_delay(slow or reason in _SLOW_REASONS)
+        delay = self.backoff.next_delay(slow or reason in _SLOW_REASONS, refused=reason == "refused")
         if attempt:
             self.stats.failures_total += 1
         self.stats.last_error, self.stats.last_error_reason = message, reason
         self.stats.last_error_at = at or time.time()
         self.stats.retry_at = time.time() + delay
         self.stats.set_state("backoff")
-        log.warning("%s: %s (retry in %.1fs)", self.host.name, message, delay)
+        self._log_failure(message, delay)
         self._changed()
         self._wake.clear()
         if delay > 0:
             self._wake.wait(delay)  # a nudge from a waiting client or stop() ends the wait early
+
+    def _log_failure(self, message: str, delay: float) -> None:
+        """A warning when the error is new, then at most one a minute while it repeats (debug otherwise):
+        a host whose sshd stays off is retried every second and must not flood the journal."""
+        now = time.monotonic()
+        if message != self._logged_error or now - self._logged_at >= REPEAT_LOG_INTERVAL:
+            repeats = f"; {self._repeats} more since {now - self._logged_at:.0f}s ago" \
+                if self._repeats and message == self._logged_error else ""
+            log.warning("%s: %s (retry in %.1fs%s)", self.host.name, message, delay, repeats)
+            self._logged_error, self._logged_at, self._repeats = message, now, 0
+        else:
+            self._repeats += 1
+            log.debug("%s: %s (retry in %.1fs)", self.host.name, message, delay)
 
     def _changed(self) -> None:
         try:

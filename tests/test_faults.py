@@ -173,6 +173,28 @@ def single(remote_host: RemoteHost, size: int = 20_000, *extra: str) -> tuple[Ag
     return agent, local, metrics_page(size, "redis")
 
 
+def stop_sshd(host: RemoteHost) -> None:
+    """Stop sshd the way a restart does, without a race: the listener first, then its sessions.
+
+    (RemoteHost.stop_sshd kills the sessions first; an agent reconnecting at once can then get a new
+    session from the old listener, which outlives it, and the "restart" is never seen.)
+    """
+    sessions = host.sshd_session_pids()
+    assert host.sshd is not None
+    host.stop(host.sshd)
+    host.sshd = None
+    for pid in sessions:
+        try:
+            os.kill(pid, signal.SIGKILL)
+        except ProcessLookupError:
+            pass
+
+
+def restart_sshd(host: RemoteHost) -> None:
+    stop_sshd(host)
+    host.start_sshd()  # returns as soon as the new sshd answers with its banner
+
+
 def accepted_publickeys(host: RemoteHost) -> int:
     return (host.workdir / "sshd.log").read_text(errors="replace").count("Accepted publickey")
 
@@ -188,7 +210,7 @@ def proc_counts(pid: int) -> tuple[int, int]:
 
 # -- sshd restarted / session killed -9 ----------------------------------------------------------------
 
-@pytest.mark.parametrize("fault", ["sshd_restart", "session_kill9"])
+@pytest.mark.parametrize("fault", ["sshd_restart", "sshd_down_a_while", "session_kill9"])
 def test_forwards_usable_again_after_sshd_restart_or_kill9(remote_host: RemoteHost, fault: str):
     agent, local, page = single(remote_host)
     with agent:
@@ -196,7 +218,12 @@ def test_forwards_usable_again_after_sshd_restart_or_kill9(remote_host: RemoteHo
         assert wait_fetch(f"http://127.0.0.1:{local}/metrics") == page
         pid = agent.proc.pid
         if fault == "sshd_restart":
-            remote_host.restart_sshd()  # returns as soon as the new sshd answers with its banner
+            restart_sshd(remote_host)
+        elif fault == "sshd_down_a_while":  # a slow restart (package upgrade): the backoff has grown meanwhile
+            stop_sshd(remote_host)
+            wait_until(lambda: (sample(agent, "tunnel_connect_failures_total", host=remote_host.addr) or 0) >= 6,
+                       20, "six refused attempts", interval=0.1)
+            remote_host.start_sshd()
         else:
             assert remote_host.kill_sessions(signal.SIGKILL), "no sshd session to kill"
         accepting = time.monotonic()
@@ -210,6 +237,10 @@ def test_forwards_usable_again_after_sshd_restart_or_kill9(remote_host: RemoteHo
         reasons = set(error_reason(agent, remote_host.addr))  # the last error: the drop, or sshd still down
         assert reasons <= {"disconnected", "refused"} and len(reasons) == 1, reasons
         assert sample(agent, "tunnel_up", host=remote_host.addr) == 1
+        if fault != "session_kill9":  # the agent really met a stopped sshd (not a surviving old session)
+            assert (sample(agent, "tunnel_connect_failures_total", host=remote_host.addr) or 0) >= 1
+        if fault == "sshd_down_a_while":  # retried every second, but one warning, not one per attempt
+            assert agent.output().count("refused: is sshd running there") == 1, agent.output()
         assert agent.stop() == 0, agent.output()
 
 
@@ -368,8 +399,9 @@ def test_auth_failure_backs_off_to_the_cap_and_other_host_keeps_serving(make_rem
         host.serve_metrics(9121, size=size, name="redis")
     page = metrics_page(size, "redis")
     config, ports = fleet(tmp_path, {"failing": failing, "healthy": healthy}, {"redis": 9121})
-    # Not -q: the non-interactive status lines ("DOWN, retrying: ...") are part of what is checked.
-    with AgentProcess(["-F", "none", "--config", str(config)], tmp_path) as agent:
+    # Not -q: the non-interactive status lines ("DOWN, retrying: ...") are part of what is checked; -v shows
+    # every retry (repeats of the same error are logged once a minute otherwise).
+    with AgentProcess(["-v", "-F", "none", "--config", str(config)], tmp_path) as agent:
         for name in ("failing", "healthy"):
             wait_value(agent, 20, f"{name} up", "tunnel_up", 1, host=name)
         with Scraper(ports[("healthy", "redis")], page) as scraper:
@@ -397,7 +429,7 @@ def test_auth_failure_backs_off_to_the_cap_and_other_host_keeps_serving(make_rem
         assert failures is not None and failures >= len(delays)
         assert sample(agent, "tunnel_up", host="failing") == 0
         assert sample(agent, "tunnel_state", host="failing", state="backoff") == 1
-        assert "failing: DOWN, retrying: authentication failed for root" in log, log[-2000:]
+        assert log.count("failing: DOWN, retrying: authentication failed for root") == 1, log[-2000:]
         assert "Traceback" not in log
         assert sample(agent, "tunnel_up", host="healthy") == 1
         stopping = time.monotonic()
@@ -414,7 +446,7 @@ def test_changed_host_key_while_running_is_refused_and_never_forwards(remote_hos
         for path in (remote_host.host_key, Path(f"{remote_host.host_key}.pub")):
             path.unlink()
         keygen(remote_host.host_key)  # the host is re-keyed (or someone else answers at its address)
-        remote_host.restart_sshd()
+        restart_sshd(remote_host)
         wait_until(lambda: "host_key_changed" in error_reason(agent, remote_host.addr), 15,
                    "host_key_changed reported")
         assert try_fetch(local, timeout=10) is None, "data was forwarded to a host with a changed key"
