@@ -21,9 +21,10 @@ import time
 import urllib.error
 import urllib.parse
 import urllib.request
+from collections.abc import Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Sequence
+from typing import Any
 
 HERE = Path(__file__).resolve().parent
 DASHBOARD = HERE / "grafana" / "dashboards" / "pipeline-overview.json"
@@ -77,7 +78,7 @@ def seconds(duration: str) -> float:
 
 def duration(secs: float) -> str:
     """90.0 -> '90s' (whole seconds, at least 1s)."""
-    return f"{max(1, int(math.ceil(secs)))}s"
+    return f"{max(1, math.ceil(secs))}s"
 
 
 def macros(range_seconds: float, scrape_interval: float, step: float) -> dict[str, str]:
@@ -198,9 +199,10 @@ def render(panels: list[tuple[PanelQuery, list[Series]]], out: Path, title: str,
     import matplotlib
 
     matplotlib.use("Agg")
+    from datetime import datetime, timezone
+
     import matplotlib.dates as mdates
     import matplotlib.pyplot as plt
-    from datetime import datetime, timezone
 
     grouped: dict[str, list[tuple[PanelQuery, list[Series]]]] = {}
     for query, series in panels:
@@ -208,7 +210,7 @@ def render(panels: list[tuple[PanelQuery, list[Series]]], out: Path, title: str,
     cols = 3
     rows = math.ceil(len(grouped) / cols)
     fig, axes = plt.subplots(rows, cols, figsize=(6 * cols, 3.4 * rows), squeeze=False)
-    when = lambda ts: datetime.fromtimestamp(ts, tz=timezone.utc)  # noqa: E731
+    when = lambda ts: datetime.fromtimestamp(ts, tz=timezone.utc)
     for ax, (name, items) in zip(axes.flat, grouped.items()):
         first = items[0][0]
         ax.set_title(f"{first.row} / {name}" if first.row else name, fontsize=10, loc="left")
@@ -250,7 +252,7 @@ def render(panels: list[tuple[PanelQuery, list[Series]]], out: Path, title: str,
             ax.yaxis.set_major_formatter(plt.FuncFormatter(lambda v, _, unit=first.unit: fmt_value(v, unit)))
             ax.tick_params(labelsize=8)
             ax.legend(fontsize=7, loc="upper left")
-            peak = max((v for _, series in items for s in series for v in s.values if v == v), default=0.0)
+            peak = max((v for _, series in items for s in series for v in s.values if not math.isnan(v)), default=0.0)
             ax.set_ylim(bottom=0, top=None if peak > 0 else 1)  # an all-zero line stays visible
         ax.set_xlim(when(start), when(end))
         ax.xaxis.set_major_locator(mdates.AutoDateLocator(minticks=3, maxticks=7))

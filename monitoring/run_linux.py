@@ -21,11 +21,11 @@ import time
 import urllib.error
 import urllib.parse
 import urllib.request
+from collections.abc import Sequence
 from pathlib import Path
-from typing import Sequence
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from promconfig import alertmanager_config, prometheus_config, write_yaml  # noqa: E402
+from promconfig import alertmanager_config, prometheus_config, write_yaml
 
 RETENTION = "90d"
 PROMETHEUS_BINARIES = ("prometheus",)
@@ -82,23 +82,22 @@ class LinuxStack:
                 f"--storage.path={self.data_dir / 'alertmanager'}",
                 f"--web.listen-address=127.0.0.1:{self.alertmanager_port}", "--cluster.listen-address="]
 
-    def start(self, timeout: float = 30.0) -> None:
-        """Start both and wait until they answer /-/ready."""
-        commands = [(self.prometheus_command(), self.prometheus_url)]
+    def start(self, timeout: float = 30.0, prometheus: bool = True) -> None:
+        """Start both (Alertmanager alone with prometheus=False) and wait until they answer /-/ready."""
+        commands = [(self.prometheus_command(), self.prometheus_url)] if prometheus else []
         if self.alertmanager_port:
             commands.append((self.alertmanager_command(), self.alertmanager_url))
         for command, url in commands:
-            log = open(self.data_dir / f"{Path(command[0]).name}.log", "wb")
-            self.procs.append(subprocess.Popen(command, stdout=log, stderr=subprocess.STDOUT,
-                                               stdin=subprocess.DEVNULL))
-            log.close()
+            with open(self.data_dir / f"{Path(command[0]).name}.log", "wb") as log:
+                self.procs.append(subprocess.Popen(command, stdout=log, stderr=subprocess.STDOUT,
+                                                   stdin=subprocess.DEVNULL))
             self._wait_ready(self.procs[-1], url, timeout)
 
     def _wait_ready(self, proc: subprocess.Popen[bytes], url: str, timeout: float) -> None:
         deadline = time.monotonic() + timeout
         while True:
             if proc.poll() is not None:
-                raise RuntimeError(f"{proc.args[0]} exited with {proc.returncode}: {self.log(proc)[-1500:]}")
+                raise RuntimeError(f"{self._name(proc)} exited with {proc.returncode}: {self.log(proc)[-1500:]}")
             try:
                 with urllib.request.urlopen(f"{url}/-/ready", timeout=2) as response:
                     if response.status == 200:
@@ -109,8 +108,13 @@ class LinuxStack:
                 raise TimeoutError(f"{url} not ready after {timeout:.0f}s: {self.log(proc)[-1500:]}")
             time.sleep(0.1)
 
+    @staticmethod
+    def _name(proc: subprocess.Popen[bytes]) -> str:
+        args = proc.args
+        return Path(str(args[0] if isinstance(args, (list, tuple)) else args)).name
+
     def log(self, proc: subprocess.Popen[bytes]) -> str:
-        path = self.data_dir / f"{Path(str(proc.args[0])).name}.log"
+        path = self.data_dir / f"{self._name(proc)}.log"
         return path.read_text(errors="replace") if path.exists() else ""
 
     def query(self, expr: str) -> list[dict]:
@@ -131,7 +135,7 @@ class LinuxStack:
                     proc.wait(5)
         self.procs.clear()
 
-    def __enter__(self) -> "LinuxStack":
+    def __enter__(self) -> LinuxStack:  # noqa: PYI034
         self.start()
         return self
 

@@ -18,17 +18,18 @@ from __future__ import annotations
 
 import importlib
 import json
+import math
 import os
 import re
 import sys
 import urllib.parse
 import urllib.request
+from collections.abc import Iterator
 from pathlib import Path
 from types import ModuleType
-from typing import Any, Iterator
+from typing import Any
 
 import pytest
-
 from agent_process import ROOT, AgentProcess, free_port
 from remote_host import RemoteHost, require, wait_until
 
@@ -105,7 +106,7 @@ def wait_for_data(url: str, seconds: float, interval: float) -> None:
 
 
 def test_every_panel_query_returns_real_data_through_the_tunnel(live: tuple[Any, Any, AgentProcess]) -> None:
-    pipe, stack, agent = live
+    pipe, stack, _agent = live
     url = stack.prometheus_url
 
     # Targets come from the agent's file_sd: each job keeps its own, labelled with the production host.
@@ -141,7 +142,7 @@ def test_every_panel_query_returns_real_data_through_the_tunnel(live: tuple[Any,
         empty.clear()
         for q in queries:
             series = report.fetch(prom, q, now - window, now, SCRAPE)  # raises on a parse error
-            if not series or all(v != v for s in series for v in s.values):  # none, or only NaN
+            if not series or all(math.isnan(v) for s in series for v in s.values):  # none, or only NaN
                 empty[f"{q.panel}/{q.ref}"] = q.expr
         return not empty
     try:
