@@ -25,7 +25,7 @@ from .forward import CHANNEL_OPEN_TIMEOUT, Acceptor, ConnectionSet, ForwardStats
 log = logging.getLogger(__name__)
 
 NUDGE_MIN_INTERVAL = 1.0  # a waiting local connection may trigger a reconnect at most this often
-STABLE_AFTER = 30.0  # a session that lasted this long resets the backoff
+STABLE_AFTER = 10.0  # a session that lasted this long resets the backoff (the next retry is at once)
 REPEAT_LOG_INTERVAL = 60.0  # the same connection error is logged again at most this often
 MAX_PENDING_DURATIONS = 1000  # connect durations kept for the histogram between two scrapes
 

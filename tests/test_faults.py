@@ -15,6 +15,7 @@ import struct
 import threading
 import time
 from pathlib import Path
+from typing import Callable
 
 import pytest
 from agent_process import AgentProcess, fetch, free_port, wait_fetch
@@ -115,10 +116,12 @@ def fleet(tmp_path: Path, hosts: dict[str, RemoteHost], forwards: dict[str, int]
 
 
 class Scraper:
-    """Fetches a forward every 50 ms in a thread; records failures and the slowest scrape."""
+    """Fetches a forward (or, with `get`, anything) every 50 ms in a thread; records failures and the
+    slowest fetch."""
 
-    def __init__(self, port: int, expected: bytes) -> None:
+    def __init__(self, port: int, expected: bytes, get: Callable[[], bytes] | None = None) -> None:
         self.port, self.expected = port, expected
+        self.get = get or (lambda: fetch_exact(self.port, timeout=10))
         self.count = 0
         self.failures: list[str] = []
         self.slowest = 0.0
@@ -129,8 +132,7 @@ class Scraper:
         while not self._stop.is_set():
             started = time.monotonic()
             try:
-                ok = fetch_exact(self.port, timeout=10) == self.expected
-                if not ok:
+                if self.get() != self.expected:
                     self.failures.append("body differs")
             except (OSError, AssertionError) as exc:
                 self.failures.append(repr(exc))
@@ -257,7 +259,8 @@ def test_blackhole_detected_by_keepalive_and_other_host_keeps_serving(make_remot
     with AgentProcess(["-q", "-F", "none", "--config", str(config)], tmp_path) as agent:
         for name in ("dead", "healthy"):
             wait_value(agent, 20, f"{name} up", "tunnel_up", 1, host=name)
-        with Scraper(ports[("healthy", "redis")], page) as scraper:
+        own_metrics = Scraper(0, b"", get=lambda: b"" if b"tunnel_up{" in fetch(agent.metrics_url, 10) else b"?")
+        with Scraper(ports[("healthy", "redis")], page) as scraper, own_metrics:
             traffic(ports[("dead", "redis")], page, 1.5)
             dead.blackhole()
             blackholed = time.time()
@@ -281,6 +284,7 @@ def test_blackhole_detected_by_keepalive_and_other_host_keeps_serving(make_remot
             wait_until(lambda: try_fetch(ports[("dead", "redis")]) == page, 10, "dead host's forward serving")
             figure("reconnect after the blackhole cleared", time.monotonic() - cleared)
             scraper.check("healthy host during the other's blackhole")
+            own_metrics.check("the agent's own /metrics during a blackhole")
         figure("healthy host: scrapes during the fault", scraper.count, "scrapes",
                f"slowest {scraper.slowest * 1000:.0f} ms")
         assert sample(agent, "tunnel_reconnects_total", host="healthy") == 0
@@ -333,6 +337,8 @@ def test_exporter_down_only_that_forward_down_and_recovers(remote_host: RemoteHo
             assert sample(agent, "tunnel_forward_up", host="h", forward=name) == 1, f"{name} affected"
             assert fetch_exact(ports[("h", name)]) == metrics_page(4096, name)
         assert try_fetch(ports[("h", "postgres")]) is None
+        assert sample(agent, "tunnel_forward_last_error_info", host="h", forward="postgres", reason="connect_failed")
+        assert not any('forward="redis"' in k for k in samples(agent, "tunnel_forward_last_error_info"))
         remote_host.serve_metrics(FORWARDS["postgres"], name="postgres")
         wait_value(agent, 10, "postgres forward up again by itself", "tunnel_forward_up", 1, host="h",
                    forward="postgres")
