@@ -12,7 +12,7 @@ The report of docs/ is rendered from this data (otherwise it goes to the test's 
     DASHBOARD_REPORT=docs/dashboard-report.png DASHBOARD_REPORT_MINUTES=4 pytest tests/test_dashboards_live.py
 
 With DASHBOARD_REPORT_MINUTES the test keeps collecting that long, and half-way enqueues a burst of 150
-tasks and kills -9 one worker, so the report shows the queue and the worker count move.
+tasks, so the report shows the queue move (and the worker count drop of the WorkerDown check).
 """
 from __future__ import annotations
 
@@ -22,6 +22,7 @@ import math
 import os
 import re
 import sys
+import time
 import urllib.parse
 import urllib.request
 from collections.abc import Iterator
@@ -137,7 +138,6 @@ def test_every_panel_query_returns_real_data_through_the_tunnel(live: tuple[Any,
     empty: dict[str, str] = {}
 
     def all_have_data() -> bool:
-        import time
         now = time.time()
         empty.clear()
         for q in queries:
@@ -164,6 +164,25 @@ def test_every_panel_query_returns_real_data_through_the_tunnel(live: tuple[Any,
     firing = [a["labels"]["alertname"] for a in api(url, "/api/v1/alerts")["alerts"]]
     assert "TunnelDown" not in firing and "NoWorkersOnline" not in firing and "WorkerDown" not in firing, firing
 
+    # The production rules on this data: kill -9 one worker of two -> WorkerDown for that worker (for: 15s),
+    # and not NoWorkersOnline. The seed's flower_worker_online would still say 1 for it.
+    victim = pipe.worker_names[0]
+    killed = time.monotonic()
+    pipe.kill_worker(victim)
+
+    def worker_down_firing() -> list[dict[str, Any]]:
+        return [a for a in api(url, "/api/v1/alerts")["alerts"]
+                if a["labels"]["alertname"] == "WorkerDown" and a["state"] == "firing"]
+    firing_alerts = wait_until(worker_down_firing, 60, f"WorkerDown firing for {victim}", interval=0.5)
+    print(f"\nFIGURE kill -9 to WorkerDown firing in Prometheus (for: 15s, 1 s scrapes): "
+          f"{time.monotonic() - killed:.1f} s", flush=True)
+    assert [(a["labels"]["host"], a["labels"]["worker"], a["labels"]["severity"]) for a in firing_alerts] == \
+        [(HOST, victim, "warning")]  # type: ignore[union-attr]
+    names = {a["labels"]["alertname"] for a in api(url, "/api/v1/alerts")["alerts"]}
+    assert "NoWorkersOnline" not in names and "TunnelDown" not in names, names
+    flower = api(url, "/api/v1/query", query=f'flower_worker_online{{host="{HOST}", worker="{victim}"}}')["result"]
+    assert [r["value"][1] for r in flower] in ([], ["1"]), flower  # the seed's signal never drops on kill -9
+
     # A person's view of the same data: the report renderer draws every panel.
     out = Path(os.environ.get("DASHBOARD_REPORT") or stack.data_dir / "dashboard-report.png")
     if not out.is_absolute():
@@ -172,7 +191,6 @@ def test_every_panel_query_returns_real_data_through_the_tunnel(live: tuple[Any,
     if minutes:
         wait_for_data(url, minutes * 30, interval=5.0)
         pipe.enqueue(150, audio_seconds=0.05)
-        pipe.kill_worker(pipe.worker_names[-1])
         wait_for_data(url, minutes * 60, interval=5.0)
     panels, start, end = report.collect(prom, dashboard, HOST, data_span(url) / 60, SCRAPE)
     report.render(panels, out, f"Pipeline Overview - {HOST} (live test: reference pipeline through the tunnel)",

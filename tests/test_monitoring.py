@@ -309,7 +309,8 @@ def webhook() -> Iterator[tuple[str, list[dict[str, Any]]]]:
 
 
 def test_tunnel_down_inhibits_the_hosts_other_alerts(tmp_path: Path, webhook: tuple[str, list]) -> None:
-    """A real Alertmanager with monitoring/alertmanager.yml: one page for a host whose tunnel is down."""
+    """A real Alertmanager with monitoring/alertmanager.yml: one page for a host whose tunnel is down, and
+    RedisDown holds back the worker alerts it causes."""
     require(["prometheus-alertmanager"])
     url, received = webhook
     stack = run_linux.LinuxStack(tmp_path, prometheus_port=free_port(), alertmanager_port=free_port(),
@@ -320,7 +321,8 @@ def test_tunnel_down_inhibits_the_hosts_other_alerts(tmp_path: Path, webhook: tu
                    "annotations": {"summary": f"{name} on {host}"}}
                   for name, host, severity in [("TunnelDown", "a", "critical"), ("RedisDown", "a", "critical"),
                                                ("ExporterScrapeFailing", "a", "warning"),
-                                               ("NoWorkersOnline", "a", "critical"), ("RedisDown", "b", "critical")]]
+                                               ("NoWorkersOnline", "a", "critical"), ("RedisDown", "b", "critical"),
+                                               ("WorkerDown", "b", "warning")]]
         request = urllib.request.Request(f"{stack.alertmanager_url}/api/v2/alerts", json.dumps(alerts).encode(),
                                          {"Content-Type": "application/json"})
         urllib.request.urlopen(request, timeout=5).close()
@@ -328,11 +330,11 @@ def test_tunnel_down_inhibits_the_hosts_other_alerts(tmp_path: Path, webhook: tu
         def states() -> dict[tuple[str, str], str] | None:
             with urllib.request.urlopen(f"{stack.alertmanager_url}/api/v2/alerts", timeout=5) as response:
                 got = {(a["labels"]["alertname"], a["labels"]["host"]): a["status"]["state"] for a in json.load(response)}
-            return got if len(got) == 5 and "unprocessed" not in got.values() else None
+            return got if len(got) == 6 and "unprocessed" not in got.values() else None
         got = wait_until(states, 10, "Alertmanager to process the alerts")
         assert got == {("TunnelDown", "a"): "active", ("RedisDown", "a"): "suppressed",
                        ("ExporterScrapeFailing", "a"): "suppressed", ("NoWorkersOnline", "a"): "suppressed",
-                       ("RedisDown", "b"): "active"}
+                       ("RedisDown", "b"): "active", ("WorkerDown", "b"): "suppressed"}
         # critical group_wait is 10 s: both hosts' pages arrive, each with only its uninhibited alert
         wait_until(lambda: len(received) >= 2, 30, "two notifications (host a, host b)", interval=0.2)
         pages = {n["groupLabels"]["host"]: [a["labels"]["alertname"] for a in n["alerts"]] for n in received}
