@@ -11,6 +11,7 @@ forward to any other port are refused.
 """
 from __future__ import annotations
 
+import fcntl
 import json
 import os
 import pwd
@@ -20,13 +21,17 @@ import signal
 import subprocess
 import tempfile
 from collections.abc import Callable, Iterator
+from contextlib import contextmanager
 from pathlib import Path
-from typing import Any
+from typing import IO, Any
 
 import paramiko
 import pytest
 import yaml
 from agent_process import AgentProcess, free_port, parse_metrics, wait_fetch
+from pipeline_host import _ACCOUNT_LOCK as ACCOUNT_LOCK
+from pipeline_host import _ACCOUNT_MARK as ACCOUNT_MARK
+from pipeline_host import TUNNEL_USER
 from remote_host import SSHD, RemoteHost, keygen, require, wait_until
 
 ROOT = Path(__file__).resolve().parent.parent
@@ -450,19 +455,46 @@ def _pid_alive(pid: int) -> bool:
     return True
 
 
+@contextmanager
+def shared_tunnel_account() -> Iterator[tuple[str, str]]:
+    """The real account name `tunnel` and the comment marking it as this run's, held under the lock that
+    tests/pipeline_host.py uses for the same account (the namespace shares /etc/passwd with this machine, so
+    concurrent runs take turns). A `tunnel` left by a dead run (its mark names a gone pid) is removed first;
+    one that is not a test's is never touched. The caller deletes the account before the lock is released."""
+    ACCOUNT_LOCK.parent.mkdir(parents=True, exist_ok=True)
+    with open(ACCOUNT_LOCK, "w") as lock:
+        wait_until(lambda: _try_lock(lock), 300, f"{ACCOUNT_LOCK} (another test run uses the account)", 0.2)
+        try:
+            existing = pwd.getpwnam(TUNNEL_USER)
+        except KeyError:
+            existing = None
+        if existing is not None:
+            pid = existing.pw_gecos.removeprefix(ACCOUNT_MARK)
+            if not (existing.pw_gecos.startswith(ACCOUNT_MARK) and pid.isdigit() and not Path(f"/proc/{pid}").exists()):
+                pytest.fail(f"a user {TUNNEL_USER!r} exists and is not a stale test account: not touching it")
+            delete_user(TUNNEL_USER)
+        yield TUNNEL_USER, f"{ACCOUNT_MARK}{os.getpid()}"
+
+
+def _try_lock(lock: IO[str]) -> bool:
+    try:
+        fcntl.flock(lock, fcntl.LOCK_EX | fcntl.LOCK_NB)
+    except BlockingIOError:
+        return False
+    return True
+
+
 @pytest.mark.slow
 @pytest.mark.netns
 def test_linux_twin_applied_twice_then_the_agent_tunnels_as_the_restricted_account(tmp_path: Path) -> None:
-    """The account is tnl<pid>, not `tunnel`: the namespace shares /etc/passwd with this machine (and with
-    tests running beside this one); the name is a role variable and the static tests cover `tunnel`."""
     require([*TOOLS, "ip", "iptables", "nft", "start-stop-daemon", "redis-server", "redis-cli", "ssh",
              "/usr/bin/prometheus-redis-exporter", "/usr/bin/prometheus-postgres-exporter", "userdel"])
-    account = f"tnl{os.getpid()}"
-    try:
-        pwd.getpwnam(account)
-        pytest.fail(f"user {account} already exists: remove it (userdel -r {account}) and run again")
-    except KeyError:
-        pass
+    with shared_tunnel_account() as (account, comment):
+        apply_twice_then_tunnel(tmp_path, account, comment)
+
+
+def apply_twice_then_tunnel(tmp_path: Path, account: str, comment: str) -> None:
+    """site.yml twice against a namespace host, then the agent through the account it created."""
     # Outside tmp_path because the account must traverse to its home (tmp_path is 0700 root).
     base = Path(tempfile.mkdtemp(prefix="ansible-live-"))
     base.chmod(0o755)
@@ -499,6 +531,7 @@ def test_linux_twin_applied_twice_then_the_agent_tunnels_as_the_restricted_accou
             "ssh_firewall_nftables_file": str(base / "nftables.d" / "tunnel-ssh.nft"),
             "ssh_firewall_remote_ips": [host.gateway],
             "tunnel_account_name": account,
+            "tunnel_account_comment": comment,
             "tunnel_account_home": str(base / "home" / account),
             "tunnel_account_authorized_keys": [Path(f"{agent_key}.pub").read_text().strip()],
             "tunnel_account_sshd_fragment": str(fragment_dir / "tunnel-account.conf"),
