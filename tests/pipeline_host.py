@@ -21,7 +21,10 @@ Public API (stable; other helpers build on it):
         pipe.start_worker()                              # a new worker (next free name), returns its name
         pipe.kill_all_workers() / pipe.stop_all_workers()
         pipe.stop_service("redis") / pipe.start_service("redis")   # also postgres, redis_exporter,
-                                                         # postgres_exporter, flower, api
+                                                         # postgres_exporter, flower, api; start waits
+                                                         # until it answers
+        pipe.stop_redis() / start_redis(), stop_postgres() / start_postgres(),
+        pipe.stop_redis_exporter() / start_redis_exporter()     # shorthands of the above
         pipe.enqueue(200, audio_seconds=0.1)             # tasks straight onto the broker
         pipe.queue_length()                              # LLEN celery
         pipe.set_error_rate(0.5)                         # fraction of API requests answered 500
@@ -123,7 +126,8 @@ def tunnel_account(host: RemoteHost, timeout: float = 300.0) -> Iterator[str]:
                 break
             except BlockingIOError:
                 if time.monotonic() > deadline:
-                    raise TimeoutError(f"{_ACCOUNT_LOCK} held for {timeout:.0f}s by another test run") from None
+                    raise TimeoutError(f"{_ACCOUNT_LOCK} held for {timeout:.0f}s by another test (of this or "
+                                       "another run): one tunnel_account at a time") from None
                 time.sleep(0.2)
         existing = _user_exists(TUNNEL_USER)
         if existing is not None:
@@ -349,6 +353,26 @@ class PipelineHost:
         if name not in SERVICES:
             raise ValueError(f"unknown service {name!r}; one of {', '.join(SERVICES)}")
         self._stop(name, signal.SIGINT if name == "postgres" else signal.SIGTERM)
+
+    # shorthands for the services the alert tests take down and bring back
+    def stop_redis(self) -> None:
+        """Stop the broker (no persistence: queued tasks are lost, as with a crashed Redis)."""
+        self.stop_service("redis")
+
+    def start_redis(self) -> None:
+        self.start_service("redis")
+
+    def stop_postgres(self) -> None:
+        self.stop_service("postgres")
+
+    def start_postgres(self) -> None:
+        self.start_service("postgres")
+
+    def stop_redis_exporter(self) -> None:
+        self.stop_service("redis_exporter")
+
+    def start_redis_exporter(self) -> None:
+        self.start_service("redis_exporter")
 
     def _ready(self, name: str) -> bool:
         if name == "redis":

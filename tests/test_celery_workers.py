@@ -16,7 +16,6 @@ import json
 import os
 import re
 import shutil
-import subprocess
 import time
 from dataclasses import dataclass
 from pathlib import Path
@@ -24,8 +23,8 @@ from typing import Iterator
 
 import pytest
 
-from agent_process import AgentProcess, fetch, free_port, parse_metrics
-from pipeline_host import (BINARIES, FLOWER_PORT, PipelineHost, traversable_workdir, tunnel_account)
+from agent_process import AgentProcess, free_port, parse_metrics
+from pipeline_host import BINARIES, PipelineHost, traversable_workdir, tunnel_account
 from remote_host import RemoteHost, require, wait_until
 
 pytestmark = pytest.mark.netns
@@ -216,4 +215,121 @@ def test_exporter_footprint_is_measured(chain: Chain) -> None:
         report[name] = {"rss_mib": round(_rss_mib(pid), 1), "cpu_ms_per_scrape": round(cpu * 1000, 1),
                         "wall_ms_per_scrape": round((time.monotonic() - start) / scrapes * 1000, 1)}
         assert report[name]["rss_mib"] > 1
+    idle = {name: _cpu_seconds(pids[name]) for name in exporters}  # no scrapes: background work only
+    window = 10.0
+    started = time.monotonic()
+    wait_until(lambda: time.monotonic() - started >= window, window + 5, "the idle window", interval=0.5)
+    for name in exporters:
+        report[name]["idle_cpu_percent"] = round((_cpu_seconds(pids[name]) - idle[name]) / window * 100, 2)
     print("\nexporter footprint:", json.dumps(report))
+
+
+# -- the collector against a real HTTP server standing in for Flower's API (no namespace needed) ----------
+class _FakeFlower:
+    """A real HTTP server on 127.0.0.1:0 answering /api/workers?status=true as told (status, body, delay)."""
+
+    def __init__(self) -> None:
+        import threading
+        from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
+
+        self.status, self.body, self.delay, self.auth_seen = 200, b"{}", 0.0, ""
+        owner = self
+
+        class Handler(BaseHTTPRequestHandler):
+            def log_message(self, *args: object) -> None:
+                pass
+
+            def do_GET(self) -> None:  # noqa: N802
+                owner.auth_seen = self.headers.get("Authorization", "")
+                time.sleep(owner.delay)
+                self.send_response(owner.status)
+                self.send_header("Content-Length", str(len(owner.body)))
+                self.end_headers()
+                try:
+                    self.wfile.write(owner.body)
+                except BrokenPipeError:  # the client gave up (the timeout test)
+                    pass
+
+        self.server = ThreadingHTTPServer(("127.0.0.1", 0), Handler)
+        self.server.daemon_threads = True
+        self.url = f"http://127.0.0.1:{self.server.server_address[1]}"
+        self.thread = threading.Thread(target=self.server.serve_forever, daemon=True)
+        self.thread.start()
+
+    def close(self) -> None:
+        self.server.shutdown()
+        self.server.server_close()
+
+
+@pytest.fixture
+def fake_flower() -> Iterator[_FakeFlower]:
+    server = _FakeFlower()
+    yield server
+    server.close()
+
+
+def _samples(collector: object) -> dict[str, float]:
+    from prometheus_client import CollectorRegistry, generate_latest
+
+    registry = CollectorRegistry()
+    registry.register(collector)  # type: ignore[arg-type]
+    return parse_metrics(generate_latest(registry).decode())
+
+
+def test_collector_exports_flowers_heartbeat_view(fake_flower: _FakeFlower) -> None:
+    from agent.collectors.celery_workers import CeleryWorkersCollector
+
+    fake_flower.body = json.dumps({"celery@a": True, "celery@b": False}).encode()
+    collector = CeleryWorkersCollector("h1", fake_flower.url, auth=("monitor", "s3cret"))
+    collector.poll()
+    assert _samples(collector) == {'celery_flower_up{host="h1"}': 1.0,
+                                   'celery_worker_up{host="h1",worker="celery@a"}': 1.0,
+                                   'celery_worker_up{host="h1",worker="celery@b"}': 0.0,
+                                   'celery_workers_online{host="h1"}': 1.0}
+    assert fake_flower.auth_seen.startswith("Basic ")
+    fake_flower.body = b"{}"  # Flower restarted and knows no worker yet: "no workers", not stale ones
+    collector.poll()
+    assert _samples(collector) == {'celery_flower_up{host="h1"}': 1.0, 'celery_workers_online{host="h1"}': 0.0}
+
+
+@pytest.mark.parametrize("status,body", [(401, b"Unauthorized"), (500, b"oops"), (200, b"<html>"),
+                                         (200, b'{"celery@a": "yes"}'), (200, b"[]")])
+def test_collector_drops_worker_data_when_flower_cannot_be_read(fake_flower: _FakeFlower, status: int,
+                                                                 body: bytes) -> None:
+    from agent.collectors.celery_workers import CeleryWorkersCollector
+
+    fake_flower.body = b'{"celery@a": true}'
+    collector = CeleryWorkersCollector("h1", fake_flower.url)
+    collector.poll()
+    assert _samples(collector)['celery_worker_up{host="h1",worker="celery@a"}'] == 1.0
+    fake_flower.status, fake_flower.body = status, body
+    collector.poll()
+    assert _samples(collector) == {'celery_flower_up{host="h1"}': 0.0}
+    assert collector.last_error
+
+
+def test_collector_never_blocks_longer_than_its_timeout(fake_flower: _FakeFlower) -> None:
+    from agent.collectors.celery_workers import CeleryWorkersCollector
+
+    fake_flower.delay = 2.0
+    collector = CeleryWorkersCollector("h1", fake_flower.url, timeout=0.5)
+    started = time.monotonic()
+    collector.poll()
+    assert time.monotonic() - started < 1.8
+    assert _samples(collector) == {'celery_flower_up{host="h1"}': 0.0}
+    unreachable = CeleryWorkersCollector("h2", f"http://127.0.0.1:{free_port()}", timeout=0.5)
+    unreachable.poll()
+    assert _samples(unreachable) == {'celery_flower_up{host="h2"}': 0.0}
+
+
+def test_collector_forgets_an_answer_older_than_stale_after(fake_flower: _FakeFlower) -> None:
+    from agent.collectors.celery_workers import CeleryWorkersCollector
+
+    now = [1000.0]
+    fake_flower.body = b'{"celery@a": true}'
+    collector = CeleryWorkersCollector("h1", fake_flower.url, stale_after=60, clock=lambda: now[0])
+    collector.poll()
+    now[0] += 59
+    assert _samples(collector)['celery_workers_online{host="h1"}'] == 1.0
+    now[0] += 2  # no poll for 61 s (e.g. the prober is stuck): unknown, not "1 worker up"
+    assert _samples(collector) == {'celery_flower_up{host="h1"}': 0.0}
