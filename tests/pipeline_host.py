@@ -30,6 +30,7 @@ Public API (stable; other helpers build on it):
         pipe.set_error_rate(0.5)                         # fraction of API requests answered 500
         pipe.start_load(rate=5) / pipe.stop_load()       # the load generator against the API
         pipe.get(port, path, auth=None) -> (status, body)   # HTTP GET on the namespace's 127.0.0.1
+        pipe.post(port, path, body, auth=None) -> (status, body)
         pipe.metrics(port, auth=None) -> {sample: value} # a /metrics page, parsed
         pipe.pids() -> {name: pid}                       # every process it runs (for RSS/CPU figures)
         pipe.workers_alive() -> {worker: bool}           # Flower's /api/workers?status=true
@@ -50,6 +51,7 @@ from __future__ import annotations
 
 import ctypes
 import fcntl
+import functools
 import importlib.util
 import pwd
 import os
@@ -232,7 +234,7 @@ class PipelineHost:
         self.start_service("api", wait=False)
         self._wait(lambda: self._ready("postgres"), deadline, "postgres")
         self._in_ns(self._create_database)
-        checks = {name: (lambda n=name: self._ready(n)) for name in SERVICES}
+        checks: dict[str, Callable[[], bool]] = {name: functools.partial(self._ready, name) for name in SERVICES}
         checks["workers"] = lambda: self._all_alive(self.worker_names)
         pending = dict(checks)
 
@@ -512,6 +514,10 @@ class PipelineHost:
         """GET http://127.0.0.1:<port><path> inside the namespace; (0, b"") if nothing answers."""
         return self._in_ns(_http, port, path, auth, None)
 
+    def post(self, port: int, path: str, body: bytes, auth: tuple[str, str] | None = None) -> tuple[int, bytes]:
+        """POST `body` to http://127.0.0.1:<port><path> inside the namespace; (0, b"") if nothing answers."""
+        return self._in_ns(_http, port, path, auth, body)
+
     def metrics(self, port: int, auth: tuple[str, str] | None = None) -> dict[str, float]:
         status, body = self.get(port, "/metrics", auth)
         return parse_metrics(body.decode(errors="replace")) if status == 200 else {}
@@ -522,6 +528,8 @@ class PipelineHost:
 
 def _http(port: int, path: str, auth: tuple[str, str] | None, data: bytes | None) -> tuple[int, bytes]:
     headers = {"Authorization": "Basic " + b64encode(":".join(auth).encode()).decode()} if auth else {}
+    if data is not None:
+        headers["Content-Type"] = "application/json"
     request = urllib.request.Request(f"http://127.0.0.1:{port}{path}", data=data, headers=headers)
     try:
         with urllib.request.urlopen(request, timeout=5) as response:

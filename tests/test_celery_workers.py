@@ -173,6 +173,35 @@ def test_queue_depth_is_the_broker_list_length(chain: Chain) -> None:
     wait_until(lambda: chain.through_tunnel("redis").get(QUEUE) == 0, 60, "the queue drains to 0")
 
 
+def test_api_metrics_as_the_seed_says_and_results_in_postgres(chain: Chain) -> None:
+    chain.ensure_workers(1, agent_view=False)
+    status, body = chain.pipe.post(8000, "/transcribe", b'{"audio_seconds": 0.05}')
+    assert status == 202, body
+    task_id = json.loads(body)["task_id"]
+
+    def stored() -> dict | None:
+        code, row = chain.pipe.get(8000, f"/jobs/{task_id}")
+        return json.loads(row) if code == 200 else None
+    row = wait_until(stored, 20, "the task's row in PostgreSQL")
+    assert row["status"] == "succeeded" and row["worker"] in chain.pipe.worker_names  # type: ignore[index]
+
+    chain.pipe.set_error_rate(0.5)
+    chain.pipe.start_load(rate=20, audio_seconds=0.01)
+    try:
+        def answered_500() -> bool:
+            page = chain.through_tunnel("api")
+            return any(k.startswith("http_requests_total{") and 'status="500"' in k for k in page)
+        wait_until(answered_500, 20, "injected 500s in http_requests_total through the tunnel")
+    finally:
+        chain.pipe.stop_load()
+        chain.pipe.set_error_rate(0.0)
+    page = chain.through_tunnel("api")
+    assert page['http_requests_total{endpoint="/transcribe",method="POST",status="202"}'] >= 1
+    assert 'http_request_duration_seconds_bucket{endpoint="/transcribe",le="+Inf",method="POST"}' in page
+    assert page["http_requests_in_progress"] == 0
+    assert not [k for k in page if 'endpoint="/jobs/' in k and "{id}" not in k], "raw paths as label values"
+
+
 def test_nothing_on_the_host_listens_beyond_loopback_except_sshd(chain: Chain) -> None:
     chain.ensure_workers(1, agent_view=False)
     out = chain.host.exec(["ss", "-ltnpH"]).stdout
