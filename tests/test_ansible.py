@@ -18,7 +18,9 @@ import pwd
 import re
 import shutil
 import signal
+import socket
 import subprocess
+import sys
 import tempfile
 from collections.abc import Callable, Iterator
 from contextlib import contextmanager
@@ -278,6 +280,14 @@ RENDER_PLAYBOOK = """
       vars:
         _tunnel_account_force_command: "{{{{ tunnel_account_force_command }}}}"
         tunnel_account_authorized_keys: ["{key}"]
+    - name: Windows authorized_keys, defaults
+      ansible.builtin.template:
+        src: {templates}/authorized_keys.j2
+        dest: {out}/authorized_keys.windows
+        mode: "0644"
+      vars:
+        _tunnel_account_force_command: "{{{{ tunnel_account_windows_force_command }}}}"
+        tunnel_account_authorized_keys: ["{key}"]
     - name: Windows sshd_config (OpenSSH >= 7.8 and 7.7)
       ansible.builtin.template:
         src: {templates}/sshd_config.windows.j2
@@ -358,8 +368,11 @@ def test_authorized_keys_carry_the_contract_options(rendered: Path) -> None:
     assert len(lines) == 1
     contract = next(line for line in CONTRACT_KEYS.read_text().splitlines() if line and not line.startswith("#"))
     assert lines[0].split(" ssh-ed25519 ")[0] == contract.split(" ssh-ed25519 ")[0]
-    listed = run(["ssh-keygen", "-l", "-f", str(rendered / "authorized_keys")])
-    assert listed.returncode == 0 and "ED25519" in listed.stdout, listed.stderr
+    for name in ("authorized_keys", "authorized_keys.windows"):
+        listed = run(["ssh-keygen", "-l", "-f", str(rendered / name)])
+        assert listed.returncode == 0 and "ED25519" in listed.stdout, listed.stderr
+    windows = (rendered / "authorized_keys.windows").read_text()
+    assert 'command="cmd.exe /c exit 1" ssh-ed25519 ' in windows and windows.count('permitopen="') == 5
 
 
 @pytest.mark.parametrize("variant", ["current", "legacy"])
@@ -572,6 +585,11 @@ def apply_twice_then_tunnel(tmp_path: Path, account: str, comment: str) -> None:
         table = host.exec(["nft", "list", "table", "inet", "tunnel_ssh"]).stdout
         assert "ip saddr @ssh_v4 tcp dport 22 ct state new accept" in table and host.gateway in table
         wait_until(host._sshd_answers, 10, "sshd after its restart")
+        # The nftables table: SSH from the operator's address passes (above and below), anything else is dropped.
+        host.spawn([sys.executable, "-m", "http.server", "--bind", host.addr, "9999"])
+        wait_until(lambda: "9999" in host.exec(["ss", "-ltnH"]).stdout, 10, "a test listener on port 9999")
+        with pytest.raises(TimeoutError):
+            socket.create_connection((host.addr, 9999), timeout=1).close()
 
         # The real agent, as the restricted account, to the exporters the playbook started.
         redis_port, postgres_port = free_port(), free_port()
