@@ -15,6 +15,7 @@ from __future__ import annotations
 import argparse
 import json
 import sys
+import tempfile
 import time
 from pathlib import Path
 
@@ -28,7 +29,7 @@ def main() -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--cap", type=float, default=240.0, help="stop polling after this many seconds")
     args = parser.parse_args()
-    with RemoteHost() as host:
+    with tempfile.TemporaryDirectory(prefix="measure-liveness-") as workdir, RemoteHost(Path(workdir)) as host:
         host.start_sshd()
         with PipelineHost(host, workers=2) as pipe:
             env = {**pipe.env, "FLOWER_BASIC_AUTH": ":".join(pipe.flower_auth)}
