@@ -140,8 +140,9 @@ def tunnel_account(host: RemoteHost, timeout: float = 300.0) -> Iterator[str]:
                 raise RuntimeError(f"a user {TUNNEL_USER!r} already exists on this machine and is not ours: "
                                    "not touching it")
         home = host.workdir / "home-tunnel"
-        subprocess.run(["useradd", "-m", "-d", str(home), "-s", "/bin/sh", "-p", "*", "-c", f"{_ACCOUNT_MARK}{os.getpid()}",
-                        TUNNEL_USER], check=True, capture_output=True)
+        # -p '*': no password but not locked ('!' makes sshd with UsePAM no refuse even keys)
+        subprocess.run(["useradd", "-m", "-d", str(home), "-s", "/bin/sh", "-p", "*",
+                        "-c", f"{_ACCOUNT_MARK}{os.getpid()}", TUNNEL_USER], check=True, capture_output=True)
         try:
             host.sshd_extra = [*host.sshd_extra, *TUNNEL_FRAGMENT.read_text().splitlines()]
             yield TUNNEL_USER

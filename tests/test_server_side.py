@@ -214,3 +214,85 @@ def test_linux_units_and_settings_bind_loopback_only() -> None:
     windows = yaml.safe_load((SERVER_SIDE / "windows" / "windows_exporter.yml").read_text())
     assert windows["web"]["listen-address"] == "127.0.0.1:9182"
     assert "cpu" in windows["collectors"]["enabled"]
+
+
+# -- the reference pipeline's API on a real server (port 0), without broker or database --------------------
+@pytest.fixture
+def pipeline_modules(monkeypatch: pytest.MonkeyPatch) -> Iterator[object]:
+    """server-side/ on sys.path for this test only; yields the `pipeline` package."""
+    import importlib
+
+    monkeypatch.syspath_prepend(str(SERVER_SIDE))
+    yield importlib.import_module("pipeline")
+
+
+def test_pipeline_settings_reject_bad_values_in_one_line(pipeline_modules: object) -> None:
+    from pipeline import settings  # type: ignore[import-not-found]
+
+    assert settings.load({}).api_addr == "127.0.0.1:8000" and settings.load({}).admin is False
+    loaded = settings.load({"PIPELINE_API_ERROR_RATE": "0.25", "PIPELINE_TASK_SECONDS": "3", "PIPELINE_ADMIN": "1"})
+    assert (loaded.api_error_rate, loaded.task_seconds, loaded.admin) == (0.25, 3.0, True)
+    for env in ({"PIPELINE_API_ERROR_RATE": "2"}, {"PIPELINE_TASK_FAILURE_RATE": "lots"},
+                {"PIPELINE_TASK_SECONDS": "soon"}):
+        with pytest.raises(SystemExit) as bad:
+            settings.load(env)
+        assert "\n" not in str(bad.value) and next(iter(env)) in str(bad.value)
+
+
+def test_pipeline_api_metrics_routes_and_fault_injection(pipeline_modules: object) -> None:
+    import threading
+    import urllib.error
+    import urllib.request
+    from http.server import ThreadingHTTPServer
+
+    from pipeline import api, settings  # type: ignore[import-not-found]
+
+    from agent_process import parse_metrics
+
+    enqueued: list[float | None] = []
+
+    def enqueue(seconds: float | None) -> str:
+        enqueued.append(seconds)
+        return f"task-{len(enqueued)}"
+
+    conf = settings.load({"PIPELINE_ADMIN": "1"})
+    metrics, faults = api.ApiMetrics(), api.FaultInjector(0.0)
+    server = ThreadingHTTPServer(("127.0.0.1", 0), api.make_handler(conf, metrics, faults, enqueue))
+    threading.Thread(target=server.serve_forever, daemon=True).start()
+    base = f"http://127.0.0.1:{server.server_address[1]}"
+
+    def call(path: str, body: bytes | None = None) -> tuple[int, bytes]:
+        try:
+            with urllib.request.urlopen(urllib.request.Request(base + path, data=body), timeout=5) as response:
+                return response.status, response.read()
+        except urllib.error.HTTPError as exc:
+            return exc.code, exc.read()
+
+    try:
+        assert call("/transcribe", b'{"audio_seconds": 1.5}') == (202, b'{"task_id": "task-1"}')
+        assert enqueued == [1.5]
+        assert call("/health")[0] == 200
+        assert call("/nope/x/y")[0] == 404
+        assert call("/admin/error-rate", b"1.0") == (200, b'{"rate": 1.0}')
+        assert [call("/health")[0] for _ in range(5)] == [500] * 5
+        assert call("/admin/error-rate", b'{"rate": 0}')[0] == 200
+        assert call("/admin/error-rate", b"7")[0] == 400
+        page = parse_metrics(call("/metrics")[1].decode())
+        assert page['http_requests_total{endpoint="/transcribe",method="POST",status="202"}'] == 1
+        assert page['http_requests_total{endpoint="/health",method="GET",status="500"}'] == 5
+        assert page['http_requests_total{endpoint="other",method="GET",status="404"}'] == 1
+        assert page['http_request_duration_seconds_count{endpoint="/health",method="GET"}'] == 6
+        assert page["http_requests_in_progress"] == 0
+        assert not [k for k in page if "/metrics" in k or "/admin" in k], "metrics/admin calls are not counted"
+    finally:
+        server.shutdown()
+        server.server_close()
+    disabled = api.make_handler(settings.load({}), api.ApiMetrics(), api.FaultInjector(0.0), enqueue)
+    server = ThreadingHTTPServer(("127.0.0.1", 0), disabled)
+    threading.Thread(target=server.serve_forever, daemon=True).start()
+    base = f"http://127.0.0.1:{server.server_address[1]}"
+    try:
+        assert call("/admin/error-rate", b"1.0")[0] == 404  # off unless PIPELINE_ADMIN=1
+    finally:
+        server.shutdown()
+        server.server_close()

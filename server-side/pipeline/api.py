@@ -62,7 +62,7 @@ class FaultInjector:
         return random.random() < self.rate
 
 
-def route(method: str, path: str) -> str:
+def route(path: str) -> str:
     """The endpoint label of a request path (bounded cardinality)."""
     path = path.split("?", 1)[0]
     if path == "/transcribe":
@@ -92,7 +92,7 @@ def make_handler(settings: Settings, metrics: ApiMetrics, faults: FaultInjector,
             self._handle("POST")
 
         def _handle(self, method: str) -> None:
-            endpoint = route(method, self.path)
+            endpoint = route(self.path)
             if endpoint == "/metrics" and method == "GET":
                 self._send(200, generate_latest(metrics.registry), CONTENT_TYPE_LATEST)
                 return
