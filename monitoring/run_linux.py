@@ -11,6 +11,7 @@ and Alertmanager's state live there too. Ctrl-C stops both. Tests use LinuxStack
 from __future__ import annotations
 
 import argparse
+import ctypes
 import json
 import os
 import shutil
@@ -39,6 +40,14 @@ def find_binary(names: Sequence[str]) -> str:
         if path:
             return path
     raise FileNotFoundError(f"{names[0]} not found: apt-get install prometheus prometheus-alertmanager")
+
+
+def _die_with_parent() -> None:
+    """In the child: get SIGTERM when the runner dies, even by SIGKILL (Linux prctl PR_SET_PDEATHSIG)."""
+    try:
+        ctypes.CDLL(None, use_errno=True).prctl(1, signal.SIGTERM)  # 1 = PR_SET_PDEATHSIG
+    except (OSError, AttributeError):  # not Linux: the runner's own stop() is all there is
+        pass
 
 
 class LinuxStack:
@@ -90,7 +99,7 @@ class LinuxStack:
         for command, url in commands:
             with open(self.data_dir / f"{Path(command[0]).name}.log", "wb") as log:
                 self.procs.append(subprocess.Popen(command, stdout=log, stderr=subprocess.STDOUT,
-                                                   stdin=subprocess.DEVNULL))
+                                                   stdin=subprocess.DEVNULL, preexec_fn=_die_with_parent))  # noqa: PLW1509
             self._wait_ready(self.procs[-1], url, timeout)
 
     def _wait_ready(self, proc: subprocess.Popen[bytes], url: str, timeout: float) -> None:
@@ -154,23 +163,32 @@ def main(argv: Sequence[str] | None = None) -> int:
     parser.add_argument("--alertmanager-port", type=int, default=9093)
     parser.add_argument("--webhook", help="Alertmanager webhook URL (default: alertmanager.yml's)")
     args = parser.parse_args(argv)
+
+    def interrupt(*_: object) -> None:
+        raise KeyboardInterrupt
+
+    signal.signal(signal.SIGTERM, interrupt)  # a service manager's stop is Ctrl-C
     try:
         stack = LinuxStack(args.data, prometheus_port=args.prometheus_port, alertmanager_port=args.alertmanager_port,
                            sd_files=args.sd_file, agent=args.agent, webhook_url=args.webhook)
-        stack.start()
-    except (OSError, RuntimeError) as exc:
-        print(f"run-linux: error: {exc}", file=sys.stderr)
+    except OSError as exc:
+        print(f"run-linux: error: cannot write the configs in {args.data}: {exc.strerror}", file=sys.stderr)
         return 2
-    print(f"Prometheus {stack.prometheus_url}  Alertmanager {stack.alertmanager_url}  (data {args.data}); Ctrl-C stops")
     try:
-        signal.signal(signal.SIGTERM, lambda *_: (_ for _ in ()).throw(KeyboardInterrupt()))
+        stack.start()
+        print(f"Prometheus {stack.prometheus_url}  Alertmanager {stack.alertmanager_url}  (data {args.data}); "
+              "Ctrl-C stops", flush=True)
         while all(p.poll() is None for p in stack.procs):
             time.sleep(1)
-        print("run-linux: a process exited; see the logs in", args.data, file=sys.stderr)
+        print(f"run-linux: error: a process exited; see the logs in {args.data}", file=sys.stderr)
         return 1
+    except (OSError, RuntimeError, TimeoutError) as exc:
+        print(f"run-linux: error: {str(exc).splitlines()[0]}", file=sys.stderr)
+        return 2
     except KeyboardInterrupt:
         return 0
     finally:
+        signal.signal(signal.SIGTERM, signal.SIG_IGN)  # a second SIGTERM must not cut the clean stop short
         stack.stop()
 
 

@@ -431,3 +431,52 @@ def test_compose_loopback_only_pinned_no_default_password(compose: Path) -> None
             if source.startswith("./"):
                 assert (MONITORING / source).exists(), volume
     assert ".env" in (MONITORING / ".gitignore").read_text().split()
+
+
+def test_run_linux_script_starts_and_stops_both(tmp_path: Path) -> None:
+    """The operator's command: `monitoring/run-linux`, then SIGTERM (as Ctrl-C or a service manager)."""
+    require(["prometheus", "prometheus-alertmanager"])
+    import signal
+
+    ports = free_port(), free_port()
+    proc = subprocess.Popen([str(MONITORING / "run-linux"), "--data", str(tmp_path), "--prometheus-port",
+                             str(ports[0]), "--alertmanager-port", str(ports[1])],
+                            stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+    try:
+        def ready() -> bool:
+            try:
+                for port in ports:
+                    urllib.request.urlopen(f"http://127.0.0.1:{port}/-/ready", timeout=2).close()
+                return True
+            except OSError:
+                assert proc.poll() is None, proc.communicate()[0]
+                return False
+        wait_until(ready, 30, "run-linux's Prometheus and Alertmanager")
+        banner = proc.stdout.readline()  # type: ignore[union-attr]  # printed once run-linux saw both ready
+        assert f"Prometheus http://127.0.0.1:{ports[0]}  Alertmanager http://127.0.0.1:{ports[1]}" in banner
+        proc.send_signal(signal.SIGTERM)
+        output = proc.communicate(timeout=30)[0]
+        assert proc.returncode == 0, output
+        for port in ports:  # both children are gone with it
+            with pytest.raises(OSError):
+                urllib.request.urlopen(f"http://127.0.0.1:{port}/-/ready", timeout=2).close()
+        assert (tmp_path / "tsdb").is_dir() and (tmp_path / "alertmanager").is_dir()
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+            proc.wait(10)
+
+
+def test_run_linux_busy_port_is_one_line_error(tmp_path: Path) -> None:
+    require(["prometheus"])
+    import socket
+
+    with socket.socket() as busy:
+        busy.bind(("127.0.0.1", 0))
+        busy.listen()
+        result = subprocess.run([str(MONITORING / "run-linux"), "--data", str(tmp_path), "--prometheus-port",
+                                 str(busy.getsockname()[1]), "--alertmanager-port", str(free_port())],
+                                capture_output=True, text=True, timeout=60, check=False)
+    assert result.returncode == 2, result.stderr
+    assert result.stderr.startswith("run-linux: error: ") and result.stderr.count("\n") == 1, result.stderr
+    assert "exited" in result.stderr
