@@ -81,7 +81,7 @@ REDIS_SERVER = "redis-server"
 REDIS_EXPORTER = "prometheus-redis-exporter"
 POSTGRES_EXPORTER = "prometheus-postgres-exporter"
 BINARIES = (REDIS_SERVER, REDIS_EXPORTER, POSTGRES_EXPORTER, str(PG_BIN / "postgres"), str(PG_BIN / "initdb"),
-            "setpriv", "psql")
+            "setpriv")
 
 API_PORT, FLOWER_PORT, POSTGRES_EXPORTER_PORT, REDIS_EXPORTER_PORT = 8000, 5555, 9187, 9121
 REDIS_PORT, POSTGRES_PORT = 6379, 5432
