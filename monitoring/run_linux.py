@@ -43,7 +43,10 @@ def find_binary(names: Sequence[str]) -> str:
 
 
 def _die_with_parent() -> None:
-    """In the child: get SIGTERM when the runner dies, even by SIGKILL (Linux prctl PR_SET_PDEATHSIG)."""
+    """In the child: get SIGTERM when the runner dies, even by SIGKILL (Linux prctl PR_SET_PDEATHSIG).
+
+    The signal follows the *thread* that started the child: call start() from a thread that lives as long.
+    """
     try:
         ctypes.CDLL(None, use_errno=True).prctl(1, signal.SIGTERM)  # 1 = PR_SET_PDEATHSIG
     except (OSError, AttributeError):  # not Linux: the runner's own stop() is all there is
