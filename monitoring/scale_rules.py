@@ -1,6 +1,8 @@
 #!/usr/bin/env python3
 """Scale the durations of the production alert rules by one factor: the one transform tests may apply.
 
+(scale_alertmanager applies the same factor to alertmanager.yml's group_wait/group_interval/repeat_interval.)
+
 `for:` and every range window in `expr` (`[5m]`, subquery `[10m:1m]`) are multiplied by FACTOR; windows
 never go below --min-range (a rate needs a few scrapes in its window). Nothing else changes: the
 expressions, thresholds, labels and annotations are the production ones, read from monitoring/rules.
@@ -76,6 +78,27 @@ def scale_rules(document: dict[str, Any], factor: float, min_range_ms: int = 0) 
         group["rules"] = rules
         groups.append(group)
     return {**document, "groups": groups}
+
+
+def scale_alertmanager(document: dict[str, Any], factor: float, floor_ms: int = 100) -> dict[str, Any]:
+    """A copy of alertmanager.yml with every route's group_wait, group_interval and repeat_interval scaled.
+
+    The same factor as the rules: without it a test would wait the production 30 s group_wait and 5 min
+    group_interval between a rule firing and its notification. Routes, receivers and inhibitions stay.
+    """
+    if factor <= 0:
+        raise ValueError(f"factor must be > 0, not {factor}")
+
+    def scale(route: dict[str, Any]) -> dict[str, Any]:
+        route = dict(route)
+        for key in ("group_wait", "group_interval", "repeat_interval"):
+            if key in route:
+                route[key] = format_duration(max(round(parse_duration(str(route[key])) * factor), floor_ms))
+        if "routes" in route:
+            route["routes"] = [scale(child) for child in route["routes"]]
+        return route
+
+    return {**document, "route": scale(document["route"])}
 
 
 class _BlockDumper(yaml.SafeDumper):

@@ -8,10 +8,10 @@ namespace's own 127.0.0.1 (tests/pipeline_host.py). Operator side: the real CLI 
 files (monitoring/run_linux.LinuxStack), and a webhook receiver that records every notification.
 
 The one documented transform for speed (TIME_SCALE): every duration of the production rule files
-(`for:` and range windows, by monitoring/scale_rules.py) and of alertmanager.yml's routes (group_wait,
-group_interval, repeat_interval) is multiplied by TIME_SCALE; Prometheus scrapes every 3 s and evaluates
-every second, and the agent probes every 3 s. Expressions, thresholds, labels, routes and inhibitions are the
-production ones. `production_lab` runs the same chain with nothing scaled.
+(`for:` and range windows) and of alertmanager.yml's routes (group_wait, group_interval,
+repeat_interval), both by monitoring/scale_rules.py, is multiplied by TIME_SCALE; Prometheus scrapes
+every 3 s and evaluates every second, and the agent probes every 3 s. Expressions, thresholds, labels,
+routes and inhibitions are the production ones. `production_lab` runs the same chain with nothing scaled.
 """
 from __future__ import annotations
 
@@ -36,7 +36,7 @@ MONITORING = ROOT / "monitoring"
 sys.path.insert(0, str(MONITORING))
 from promconfig import alertmanager_config, write_yaml  # noqa: E402
 from run_linux import LinuxStack  # noqa: E402
-from scale_rules import format_duration, parse_duration, scale_files  # noqa: E402
+from scale_rules import scale_alertmanager, scale_files  # noqa: E402
 
 TIME_SCALE = 0.05  # production durations x 0.05: for: 1m -> 3s, [5m] -> 15s, group_wait 30s -> 1.5s
 # postgres_exporter takes ~1 s per scrape, one at a time, while PostgreSQL is down: scrapes (and the
@@ -59,19 +59,6 @@ def write_results() -> None:
         RESULTS.parent.mkdir(parents=True, exist_ok=True)
         RESULTS.write_text(json.dumps({"time_scale": TIME_SCALE, "date": time.strftime("%Y-%m-%d %H:%M"),
                                        "alerts": RESULT_ROWS}, indent=2) + "\n")
-
-
-def scale_alertmanager(document: dict[str, Any], factor: float) -> dict[str, Any]:
-    """alertmanager.yml with group_wait, group_interval and repeat_interval of every route scaled."""
-    def scale(route: dict[str, Any]) -> dict[str, Any]:
-        route = dict(route)
-        for key in ("group_wait", "group_interval", "repeat_interval"):
-            if key in route:
-                route[key] = format_duration(max(round(parse_duration(str(route[key])) * factor), 100))
-        if "routes" in route:
-            route["routes"] = [scale(child) for child in route["routes"]]
-        return route
-    return {**document, "route": scale(document["route"])}
 
 
 @dataclass

@@ -214,6 +214,17 @@ def test_scale_rules_durations() -> None:
     assert scale_rules.scale_expr(expr, 1) == expr
 
 
+def test_scale_alertmanager_scales_every_route_and_keeps_the_rest() -> None:
+    document = yaml.safe_load((MONITORING / "alertmanager.yml").read_text())
+    scaled = scale_rules.scale_alertmanager(document, 0.05)
+    assert scaled["route"]["group_wait"] == "1s500ms" and scaled["route"]["group_interval"] == "15s"
+    critical = next(r for r in scaled["route"]["routes"] if r["receiver"] == "critical")
+    assert critical["group_wait"] == "500ms"
+    assert scaled["inhibit_rules"] == document["inhibit_rules"] and scaled["receivers"] == document["receivers"]
+    matchers = [r.get("matchers") for r in document["route"]["routes"]]
+    assert [r.get("matchers") for r in scaled["route"]["routes"]] == matchers
+
+
 def test_scale_rules_files_are_valid_and_change_only_durations(tmp_path: Path) -> None:
     require(["promtool"])
     written = scale_rules.scale_files(RULES, tmp_path, 0.05, min_range_ms=4000)
