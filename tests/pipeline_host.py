@@ -380,8 +380,8 @@ class PipelineHost:
     def _ready(self, name: str) -> bool:
         if name == "redis":
             return self._in_ns(_redis_command, "PING") == "+PONG"
-        if name == "postgres":
-            return self._in_ns(_port_open, POSTGRES_PORT)
+        if name == "postgres":  # accepting queries, not just the port open ("the database system is starting up")
+            return self._in_ns(_postgres_answers)
         if name == "api":
             return self.get(API_PORT, "/metrics")[0] == 200
         if name == "flower":
@@ -541,12 +541,20 @@ def _http(port: int, path: str, auth: tuple[str, str] | None, data: bytes | None
         return 0, b""
 
 
-def _port_open(port: int) -> bool:
+def _postgres_answers() -> bool:
+    import psycopg2
+
     try:
-        with socket.create_connection(("127.0.0.1", port), timeout=1):
-            return True
-    except OSError:
+        conn = psycopg2.connect(host="127.0.0.1", port=POSTGRES_PORT, user="postgres", dbname="postgres",
+                                connect_timeout=2)
+    except psycopg2.OperationalError:
         return False
+    try:
+        with conn.cursor() as cur:
+            cur.execute("SELECT 1")
+            return cur.fetchone() == (1,)
+    finally:
+        conn.close()
 
 
 def _redis_command(*args: str) -> str:
