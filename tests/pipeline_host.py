@@ -13,6 +13,8 @@ what runs on a production Linux host (server-side/README.md, non-Docker path):
 
 Public API (stable; other helpers build on it):
 
+    PipelineHost(host, workers=2, *, task_seconds=0.2, task_failure_rate=0.0, api_error_rate=0.0,
+                 flower_options=())                      # e.g. ("--purge_offline_workers=60",)
     with PipelineHost(host, workers=2) as pipe:          # start() is called by __enter__ (or call it)
         pipe.flower_auth                                 # (user, password) for Flower / the agent config
         pipe.worker_names                                # names of the workers started now, e.g. celery@w1
@@ -34,13 +36,15 @@ Public API (stable; other helpers build on it):
         pipe.metrics(port, auth=None) -> {sample: value} # a /metrics page, parsed
         pipe.pids() -> {name: pid}                       # every process it runs (for RSS/CPU figures)
         pipe.workers_alive() -> {worker: bool}           # Flower's /api/workers?status=true
-    # close() (by __exit__) stops everything it started, by PID, and removes its files.
+    # close() (by __exit__) stops everything it started, by PID, and removes its files. Close it before
+    # the RemoteHost (processes outlive a deleted namespace).
 
     with tunnel_account(host):                           # the real restricted account `tunnel`
         host.start_sshd()                                # sshd_config now ends with the Match block
         ...                                              # connect as tunnel@host.addr with host.client_key
     # The user is created (useradd, home in the host's workdir) and removed (userdel -r) around the block;
-    # a lock file serialises tests of concurrent runs that need the same account. The host's workdir must
+    # a lock file serialises tests of concurrent runs that need the same account (so one block at a time per
+    # process: a nested second one waits for its timeout). The host's workdir must
     # be readable by the account (sshd reads authorized_keys as the user): use traversable_workdir().
 
 Calls from the test process into the namespace (HTTP, Redis) run on threads that entered the namespace
