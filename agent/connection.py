@@ -194,7 +194,11 @@ def connect(host: HostConfig, identities: Identities, on_close: Callable[[], Non
                                "is it an SSH server? check the port") from None
         key = transport.get_remote_server_key()
         checker.check(host.hostname, host.port, key)
-        method = authenticate(transport, host.user, identities)
+        try:
+            method = authenticate(transport, host.user, identities)
+        except (paramiko.SSHException, EOFError, OSError) as exc:  # the host went away mid-authentication
+            raise ConnectError("disconnected", f"connection to {host.hostname}:{host.port} lost during "
+                               f"authentication ({exc or 'eof'})") from None
         if cancel is not None:
             cancel.check()
         if isinstance(sock, socket.socket):
