@@ -22,7 +22,16 @@ import threading
 import time
 from typing import Any
 
-from lab import Fetcher, Lab, RemoteHost, Tunnel, expected_page, process_tree, progress, wait_until
+from lab import (
+    Fetcher,
+    Lab,
+    RemoteHost,
+    Tunnel,
+    expected_page,
+    process_tree,
+    progress,
+    wait_until,
+)
 
 METRICS_PORT = 8000
 PAGE_SIZE = 4096

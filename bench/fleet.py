@@ -16,8 +16,16 @@ import time
 from pathlib import Path
 from typing import Any
 
-from lab import (Lab, RemoteHost, free_port, proc_cpu_seconds, proc_memory_kb, process_tree, progress,
-                 wait_until)
+from lab import (
+    Lab,
+    RemoteHost,
+    free_port,
+    proc_cpu_seconds,
+    proc_memory_kb,
+    process_tree,
+    progress,
+    wait_until,
+)
 
 FORWARD_PORTS = (8000, 5555, 9187, 9121, 9182)  # the five defaults (docs/contracts.md)
 PAGE_SIZE = 4096

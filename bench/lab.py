@@ -10,14 +10,14 @@ from __future__ import annotations
 import json
 import os
 import signal
-import socket
 import statistics
 import subprocess
 import sys
 import time
+from collections.abc import Callable, Sequence
 from contextlib import ExitStack
 from pathlib import Path
-from typing import Any, Callable, Sequence
+from typing import Any
 
 BENCH = Path(__file__).resolve().parent
 ROOT = BENCH.parent
@@ -25,9 +25,9 @@ TESTS = ROOT / "tests"
 if str(TESTS) not in sys.path:
     sys.path.insert(0, str(TESTS))
 
-from agent_process import AgentProcess, free_port, parse_metrics  # noqa: E402
-from remote_host import HELPERS as TEST_HELPERS  # noqa: E402
-from remote_host import RemoteHost, keygen, wait_until  # noqa: E402
+from agent_process import AgentProcess, free_port, parse_metrics
+from remote_host import HELPERS as TEST_HELPERS
+from remote_host import RemoteHost, keygen, wait_until
 
 HELPERS = BENCH / "helpers"
 SSH = "ssh"
@@ -35,8 +35,22 @@ AUTOSSH = "autossh"
 #: The seed's autossh command line (its "Tunnel Keeps Disconnecting" section).
 SEED_AUTOSSH_OPTIONS = ("-M", "0", "-o", "ServerAliveInterval 30", "-o", "ServerAliveCountMax 3", "-N")
 
-__all__ = ["Lab", "Tunnel", "Fetcher", "RemoteHost", "AgentProcess", "free_port", "parse_metrics", "wait_until",
-           "progress", "percentile", "expected_page", "process_tree", "proc_cpu_seconds", "proc_memory_kb"]
+__all__ = [
+    "AgentProcess",
+    "Fetcher",
+    "Lab",
+    "RemoteHost",
+    "Tunnel",
+    "expected_page",
+    "free_port",
+    "parse_metrics",
+    "percentile",
+    "proc_cpu_seconds",
+    "proc_memory_kb",
+    "process_tree",
+    "progress",
+    "wait_until",
+]
 
 
 def progress(message: str) -> None:
@@ -191,6 +205,8 @@ class Lab:
         self.workdir = workdir
         self.workdir.mkdir(parents=True, exist_ok=True)
         self._stack = ExitStack()
+        for stale in (workdir / "id_ed25519", workdir / "id_ed25519.pub"):  # a reused --workdir
+            stale.unlink(missing_ok=True)
         self.client_key = keygen(workdir / "id_ed25519", comment="bench")
         self.known_hosts = workdir / "known_hosts"
         self.known_hosts.write_text("")
@@ -228,7 +244,7 @@ class Lab:
         with open(log, "wb") as out:
             proc = subprocess.Popen(list(command), stdin=subprocess.DEVNULL, stdout=out, stderr=subprocess.STDOUT,
                                     env={**os.environ, **(env or {})}, start_new_session=True,
-                                    preexec_fn=_die_with_parent)
+                                    preexec_fn=_die_with_parent)  # noqa: PLW1509 - only prctl, no locks
         self._stack.callback(_stop_process, proc)
         return proc, log
 
@@ -288,7 +304,7 @@ class Lab:
             self._closed = True
             self._stack.close()
 
-    def __enter__(self) -> "Lab":
+    def __enter__(self) -> Lab:
         return self
 
     def __exit__(self, *exc: object) -> None:

@@ -15,7 +15,7 @@ from __future__ import annotations
 import hashlib
 from typing import Any
 
-from lab import Fetcher, Lab, Tunnel, expected_page, percentile, progress, summary
+from lab import Fetcher, Lab, expected_page, percentile, proc_cpu_seconds, progress, summary
 
 METRICS_PORT = 8000
 PAGE_SIZE = 366_000  # the seed's API /metrics page size (issue 3)
@@ -47,6 +47,7 @@ def run(lab: Lab, requests: int = 100, size: int = PAGE_SIZE, warmup: int = 3) -
         for label, fetcher, port in configs:  # warm-up: first connections, caches, keep-alive sockets
             for _ in range(warmup):
                 fetcher.get(port, keepalive=keepalive)
+        cpu_before = {t.label: proc_cpu_seconds(t.pid) for t in tunnels}
         for i in range(requests):
             shift = i % len(configs)
             for label, fetcher, port in configs[shift:] + configs[:shift]:
@@ -59,6 +60,7 @@ def run(lab: Lab, requests: int = 100, size: int = PAGE_SIZE, warmup: int = 3) -
                     exact[label] += 1
             if requests >= 20 and (i + 1) % (requests // 4) == 0:
                 progress(f"  {mode}: {i + 1}/{requests} rounds")
+        cpu_ms = {t.label: 1000 * (proc_cpu_seconds(t.pid) - cpu_before[t.label]) / requests for t in tunnels}
         rows: dict[str, Any] = {}
         base = samples[BASELINE]
         for label, _, _ in configs:
@@ -70,6 +72,8 @@ def run(lab: Lab, requests: int = 100, size: int = PAGE_SIZE, warmup: int = 3) -
                 if base:
                     row["ratio_p50"] = percentile(values, 50) / percentile(base, 50)
                     row["ratio_p95"] = percentile(values, 95) / percentile(base, 95)
+            if label in cpu_ms:  # CPU time of the tunnel's own process per fetch (not the sshd side)
+                row["cpu_ms_per_fetch"] = cpu_ms[label]
             rows[label] = row
         result["modes"][mode] = rows
     for tunnel in tunnels:
@@ -82,11 +86,13 @@ def render(result: dict[str, Any]) -> str:
              f"interleaved; ratios to {result['baseline']}"]
     for mode, rows in result["modes"].items():
         lines.append(f"  {mode}:")
-        lines.append(f"    {'configuration':<12} {'p50 ms':>8} {'p95 ms':>8} {'x p50':>7} {'x p95':>7} {'exact':>9}")
+        lines.append(f"    {'configuration':<12} {'p50 ms':>8} {'p95 ms':>8} {'x p50':>7} {'x p95':>7} {'exact':>9}"
+                     f" {'CPU ms/fetch':>13}")
         for label, row in rows.items():
             if "p50" not in row:
                 lines.append(f"    {label:<12} {'failed':>8} ({row['error_count']} errors: {row['errors'][:1]})")
                 continue
             lines.append(f"    {label:<12} {row['p50']:8.2f} {row['p95']:8.2f} {row.get('ratio_p50', 0):6.2f}x "
-                         f"{row.get('ratio_p95', 0):6.2f}x {row['bytes_ok']:>4}/{row['fetches'] + row['error_count']}")
+                         f"{row.get('ratio_p95', 0):6.2f}x {row['bytes_ok']:>4}/{row['fetches'] + row['error_count']}"
+                         + (f" {row['cpu_ms_per_fetch']:13.2f}" if "cpu_ms_per_fetch" in row else ""))
     return "\n".join(lines)

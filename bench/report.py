@@ -36,7 +36,7 @@ def machine() -> dict[str, str]:
     except (OSError, ValueError, IndexError):
         mem_kb = 0
     try:
-        ssh = subprocess.run(["ssh", "-V"], capture_output=True, text=True).stderr.strip().split(",")[0]
+        ssh = subprocess.run(["ssh", "-V"], check=False, capture_output=True, text=True).stderr.strip().split(",")[0]
     except OSError:
         ssh = "?"
     try:
@@ -94,6 +94,10 @@ def rows(results: dict[str, Any], e2e: dict[str, Any] | None) -> list[tuple[str,
                             f"ssh -L {ssh['p50']:.2f} / {ssh['p95']:.2f} ms",
                             f"{ratio:.2f}x / {agent['ratio_p95']:.2f}x ({_verdict(ratio, LATENCY_BAR, LATENCY_GOAL, False)};"
                             f" bar <= {LATENCY_BAR}x, goal <= {LATENCY_GOAL}x)"))
+            if "cpu_ms_per_fetch" in agent and "cpu_ms_per_fetch" in ssh:
+                out.append((f"  CPU per fetch of the tunnel process, {mode}", f"{agent['cpu_ms_per_fetch']:.2f} ms",
+                            f"ssh -L {ssh['cpu_ms_per_fetch']:.2f} ms",
+                            f"{agent['cpu_ms_per_fetch'] / max(ssh['cpu_ms_per_fetch'], 1e-9):.1f}x"))
             if "p50" in st and "p50" in ssh:
                 direct = table.get("direct", {})
                 out.append((f"  baselines, {mode}", f"direct {direct.get('p50', float('nan')):.2f} ms",

@@ -16,7 +16,7 @@ BULK_PORT = 7000
 BASELINE = "ssh -L"
 
 sys.path.insert(0, str(HELPERS))
-from bulk_server import pattern_digest  # noqa: E402
+from bulk_server import pattern_digest
 
 
 def run(lab: Lab, megabytes: float = 64, rounds: int = 3) -> dict[str, Any]:

@@ -14,11 +14,11 @@ import subprocess
 import sys
 import time
 import uuid
+from collections.abc import Iterator
 from pathlib import Path
-from typing import Any, Iterator
+from typing import Any
 
 import pytest
-
 from remote_host import PREFIX, require, wait_until
 
 ROOT = Path(__file__).resolve().parent.parent
@@ -28,7 +28,7 @@ BINARIES = ("ip", "/usr/sbin/sshd", "ssh", "ssh-keygen", "autossh", "iptables")
 CONFIGS = ("direct", "ssh -L", "agent", "sshtunnel")
 
 sys.path.insert(0, str(BENCH))
-import report  # noqa: E402  (bench/report.py: no root, no namespaces)
+import report
 
 
 def _bench_env(marker: str) -> dict[str, str]:
@@ -54,7 +54,7 @@ def _marked_processes(marker: str) -> list[str]:
 
 
 def _namespaces_of(pid: int) -> list[str]:
-    listing = subprocess.run(["ip", "netns", "list"], capture_output=True, text=True).stdout
+    listing = subprocess.run(["ip", "netns", "list"], check=False, capture_output=True, text=True).stdout
     return [line.split()[0] for line in listing.splitlines() if line.startswith(f"{PREFIX}{pid}x")]
 
 
