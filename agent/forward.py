@@ -19,6 +19,7 @@ from dataclasses import dataclass, field
 from typing import Callable, Protocol
 
 import paramiko
+import paramiko.pipe
 
 from .config import Forward
 from .errors import UsageError
@@ -290,6 +291,44 @@ def _pump(conn: socket.socket, chan: paramiko.Channel) -> tuple[int, int]:
                     if chan.closed:  # remote closed completely: nothing more can be sent either
                         return sent, received
     return sent, received
+
+
+class _GuardedPipe(paramiko.pipe.PosixPipe):  # type: ignore[misc]
+    """paramiko's channel pipe (what Channel.fileno() polls) with close() serialized against set()/clear().
+
+    Upstream, Channel.close() closes the pipe's descriptors while the transport thread may be feeding
+    the channel (paramiko issues #1700, #2271): the feed then writes to a closed descriptor, which kills
+    the whole SSH transport with EBADF, or, if the number was reused meanwhile, writes a byte into some
+    other socket. Closing a channel while data still arrives is routine here (a client that resets).
+    """
+
+    def __init__(self) -> None:
+        super().__init__()
+        self._guard = threading.RLock()
+
+    def close(self) -> None:
+        with self._guard:
+            if not self._closed:  # type: ignore[has-type]
+                self._closed = True
+                os.close(self._rfd)
+                os.close(self._wfd)
+
+    def clear(self) -> None:
+        with self._guard:
+            if not self._closed:
+                super().clear()
+
+    def set(self) -> None:
+        with self._guard:
+            super().set()  # a no-op once closed
+
+    def set_forever(self) -> None:
+        with self._guard:
+            super().set_forever()
+
+
+if os.name == "posix":
+    paramiko.pipe.make_pipe = _GuardedPipe  # what Channel.fileno() calls to create its pipe
 
 
 def _shutdown(end: socket.socket | paramiko.Channel) -> None:

@@ -250,7 +250,9 @@ class HostTunnel:
             if self._stopping:
                 return "stopped", "stopped"
             if not session.active:
-                return "disconnected", f"connection to {self.host.destination} closed by the host or network"
+                cause = session.transport.get_exception()
+                detail = f" ({cause})" if cause is not None and not isinstance(cause, EOFError) and str(cause) else ""
+                return "disconnected", f"connection to {self.host.destination} closed by the host or network{detail}"
             now = time.monotonic()
             if pending is not None and pending.is_set():
                 last_reply = pending.at

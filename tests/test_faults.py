@@ -498,7 +498,7 @@ def test_100_concurrent_scrapes_through_one_forward_are_byte_exact(remote_host: 
 
 @pytest.mark.slow
 def test_1000_open_close_cycles_leave_no_fds_or_threads(remote_host: RemoteHost):
-    agent, local, page = single(remote_host, size=2_000)
+    agent, local, page = single(remote_host, size=100_000)
     with agent:
         agent.wait_up()
         pid = agent.proc.pid
@@ -510,14 +510,17 @@ def test_1000_open_close_cycles_leave_no_fds_or_threads(remote_host: RemoteHost)
         base_remote = sum(len(list(Path(f"/proc/{p}/fd").iterdir())) for p in sessions)
         started = time.monotonic()
         for i in range(1000):
-            kind = i % 3
+            kind = i % 4
             if kind == 0:  # a full scrape
                 assert fetch_exact(local, timeout=10) == page
-            else:
-                sock = socket.create_connection(("127.0.0.1", local), timeout=10)
-                if kind == 2:  # closed with a RST instead of a FIN
-                    sock.setsockopt(socket.SOL_SOCKET, socket.SO_LINGER, struct.pack("ii", 1, 0))
-                sock.close()
+                continue
+            sock = socket.create_connection(("127.0.0.1", local), timeout=10)
+            if kind == 3:  # a scraper that gives up mid-answer, while the exporter is still sending
+                sock.sendall(b"GET /metrics HTTP/1.1\r\nHost: x\r\n\r\n")
+                sock.recv(1000 + (i % 7) * 3000)
+            if kind >= 2:  # closed with a RST instead of a FIN
+                sock.setsockopt(socket.SOL_SOCKET, socket.SO_LINGER, struct.pack("ii", 1, 0))
+            sock.close()
         figure("1000 open/close cycles", time.monotonic() - started)
 
         settled_at: list[tuple[int, int, int]] = []
@@ -540,6 +543,8 @@ def test_1000_open_close_cycles_leave_no_fds_or_threads(remote_host: RemoteHost)
                f"baseline {base_fds}; threads {threads} (baseline {base_threads}); sshd {remote} ({base_remote})")
         accepted = sample(agent, "tunnel_forward_connections_accepted_total", host=remote_host.addr, forward="redis")
         assert accepted is not None and accepted >= 1005
+        # Closing channels while data arrives must not kill the SSH transport (paramiko #1700/#2271).
+        assert sample(agent, "tunnel_reconnects_total", host=remote_host.addr) == 0, agent.output()[-1000:]
         assert fetch_exact(local) == page
         assert agent.stop() == 0, agent.output()
 
