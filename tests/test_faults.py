@@ -632,4 +632,4 @@ def test_sigterm_while_connecting_to_a_dead_host_exits_at_once(remote_host: Remo
         assert agent.stop() == 0, agent.output()
         took = time.monotonic() - stopping
         figure("SIGTERM to exit while connecting to a blackholed host", took)
-        assert took < 3, f"exit took {took:.1f}s (the connect attempt was not cancelled)"
+        assert took < 5, f"exit took {took:.1f}s (the connect attempt was not cancelled)"
