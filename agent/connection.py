@@ -291,10 +291,12 @@ def _channel_through(jump: SSHSession, host: HostConfig) -> paramiko.Channel:
     except paramiko.ChannelException as exc:
         jump.close()
         raise ConnectError("jump_refused", f"jump host {host.jump.hostname if host.jump else '?'} could not reach "
-                           f"{host.hostname}:{host.port} ({exc.text}): check ProxyJump and the target address") from None
+                           f"{host.hostname}:{host.port} ({exc.text}): check ProxyJump and the target "
+                           "address") from None
     except (paramiko.SSHException, OSError, EOFError) as exc:
         jump.close()
-        raise ConnectError("jump_failed", f"jump host connection failed while opening {host.hostname}:{host.port}: {exc}") from None
+        raise ConnectError("jump_failed", f"jump host connection failed while opening "
+                           f"{host.hostname}:{host.port}: {exc}") from None
 
 
 def _close_quietly(sock: socket.socket | paramiko.Channel) -> None:

@@ -98,7 +98,8 @@ def bind_listener(forward: Forward) -> socket.socket:
                 f"(`ss -ltnp 'sport = :{forward.local_port}'`) or forward another port, e.g. "
                 f"-L {forward.local_port + 10000}:{forward.remote_host}:{forward.remote_port}") from None
         if exc.errno == errno.EACCES:
-            raise UsageError(f"local port {forward.local} ({forward.name}) needs privileges: use a port above 1023") from None
+            raise UsageError(f"local port {forward.local} ({forward.name}) needs privileges: "
+                             "use a port above 1023") from None
         raise UsageError(f"cannot listen on {forward.local} ({forward.name}): {exc.strerror}") from None
     sock.setblocking(False)
     return sock

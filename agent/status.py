@@ -67,7 +67,8 @@ def render(tunnels: Iterable[HostTunnel], width: int = 120) -> list[str]:
                 error = f"  {f.probe_detail}"
             state = forward_state(tunnel, name)
             row = (f"  {name:<10} {f.forward.local:<21} -> {f.forward.remote:<21} {state:<8}"
-                   f" conns {f.active:<3} in {_bytes(f.bytes_from_remote):>8} out {_bytes(f.bytes_to_remote):>8}{error}")
+                   f" conns {f.active:<3} in {_bytes(f.bytes_from_remote):>8}"
+                   f" out {_bytes(f.bytes_to_remote):>8}{error}")
             lines.append(row[:width])
     return lines
 
