@@ -97,7 +97,8 @@ def rows(results: dict[str, Any], e2e: dict[str, Any] | None) -> list[tuple[str,
             if "cpu_ms_per_fetch" in agent and "cpu_ms_per_fetch" in ssh:
                 out.append((f"  CPU per fetch of the tunnel process, {mode}", f"{agent['cpu_ms_per_fetch']:.2f} ms",
                             f"ssh -L {ssh['cpu_ms_per_fetch']:.2f} ms",
-                            f"{agent['cpu_ms_per_fetch'] / max(ssh['cpu_ms_per_fetch'], 1e-9):.1f}x"))
+                            f"{agent['cpu_ms_per_fetch'] / ssh['cpu_ms_per_fetch']:.1f}x"
+                            if ssh["cpu_ms_per_fetch"] >= 0.05 else "too few fetches to compare"))
             if "p50" in st and "p50" in ssh:
                 direct = table.get("direct", {})
                 out.append((f"  baselines, {mode}", f"direct {direct.get('p50', float('nan')):.2f} ms",
