@@ -28,6 +28,7 @@ log = logging.getLogger(__name__)
 
 BUFFER = 65536
 CHANNEL_OPEN_TIMEOUT = 10.0
+ACCEPT_PAUSE = 0.5  # a listener rests this long after accept() failed for lack of descriptors
 #: SSH_MSG_CHANNEL_OPEN_FAILURE reason code -> (metric label, message for the operator)
 _CHANNEL_REASONS = {
     1: ("administratively_prohibited",
@@ -115,6 +116,7 @@ class Acceptor:
         self._selector.register(self._wake_r, selectors.EVENT_READ, None)
         self._lock = threading.Lock()
         self._pending: list[Callable[[], None]] = []
+        self._last_warning = -60.0
         self._stopping = False
         self._thread = threading.Thread(target=self._run, name="acceptor", daemon=True)
         self._thread.start()
@@ -165,9 +167,33 @@ class Acceptor:
                 except (BlockingIOError, InterruptedError):
                     continue
                 except OSError as exc:
-                    log.warning("accept failed: %s", exc)
+                    now = time.monotonic()
+                    if now - self._last_warning >= 60:  # at most one warning a minute, however often it fails
+                        self._last_warning = now
+                        log.warning("accept on %s failed: %s", listener.getsockname(), exc)
+                    if exc.errno in (errno.EMFILE, errno.ENFILE, errno.ENOBUFS, errno.ENOMEM):
+                        self._pause(listener, key.data)  # out of descriptors: do not spin on a ready listener
                     continue
-                key.data(conn, peer)
+                try:
+                    key.data(conn, peer)
+                except Exception:  # noqa: BLE001 - e.g. no thread could be started: drop this connection only
+                    log.exception("cannot serve a connection from %s", peer)
+                    conn.close()
+
+    def _pause(self, sock: socket.socket, handler: Callable[[socket.socket, tuple], None]) -> None:
+        """Stop accepting on sock for ACCEPT_PAUSE seconds (called on the acceptor thread)."""
+        try:
+            self._selector.unregister(sock)
+        except (KeyError, ValueError):
+            return
+
+        def resume() -> None:
+            if not self._stopping and sock.fileno() != -1:
+                self.add(sock, handler)
+
+        timer = threading.Timer(ACCEPT_PAUSE, resume)
+        timer.daemon = True
+        timer.start()
 
     def close(self) -> None:
         def stop() -> None:
@@ -236,7 +262,12 @@ def serve_connection(conn: socket.socket, peer: tuple, forward: Forward, stats: 
             return
         stats.worked_since_error = True
         live.add(me, chan)
-        sent, received = _pump(conn, chan)
+        try:
+            sent, received = _pump(conn, chan)
+        except OSError as exc:  # e.g. out of descriptors for the channel's pipe: this connection only
+            stats.failed_total += 1
+            stats.record_error(f"connection failed: {exc}", "local_error")
+            log.warning("%s: connection from %s:%s failed: %s", forward.name, peer[0], peer[1], exc)
     finally:
         if chan is not None:
             _shutdown(chan)

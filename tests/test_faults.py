@@ -12,6 +12,7 @@ import re
 import signal
 import socket
 import struct
+import subprocess
 import threading
 import time
 from pathlib import Path
@@ -633,3 +634,48 @@ def test_sigterm_while_connecting_to_a_dead_host_exits_at_once(remote_host: Remo
         took = time.monotonic() - stopping
         figure("SIGTERM to exit while connecting to a blackholed host", took)
         assert took < 5, f"exit took {took:.1f}s (the connect attempt was not cancelled)"
+
+
+def cpu_seconds(pid: int) -> float:
+    fields = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()
+    return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
+
+
+def test_running_out_of_descriptors_is_survived(remote_host: RemoteHost):
+    """Clients exhaust the agent's descriptors: it neither spins nor dies, and serves again once they go."""
+    agent, local, page = single(remote_host)
+    with agent:
+        agent.wait_up()
+        assert fetch_exact(local) == page
+        pid = agent.proc.pid
+        held, queued = [], []
+        labels = {"host": remote_host.addr, "forward": "redis"}
+        try:
+            for n in range(1, 6):  # five open connections: a socket and a channel pipe each
+                held.append(socket.create_connection(("127.0.0.1", local), timeout=10))
+                wait_value(agent, 10, f"connection {n} held", "tunnel_forward_connections", n, **labels)
+            history: list[int] = []
+
+            def steady() -> bool:  # the metrics request's own descriptor is gone, nothing else moves
+                history.append(proc_counts(pid)[0])
+                return len(history) >= 4 and len(set(history[-4:])) == 1
+
+            wait_until(steady, 10, "a steady descriptor count", interval=0.1)
+            limit = history[-1]  # not one descriptor to spare
+            subprocess.run(["prlimit", f"--pid={pid}", f"--nofile={limit}:{limit}"], check=True)
+            for _ in range(5):  # these wait in the listen backlog: accept() now fails with EMFILE
+                queued.append(socket.create_connection(("127.0.0.1", local), timeout=10))
+            wait_until(lambda: "failed: [Errno 24] Too many open files" in agent.output(), 10, "accept failing")
+            window_start, cpu_start = time.monotonic(), cpu_seconds(pid)
+            wait_until(lambda: time.monotonic() - window_start >= 2, 5, "a 2 s window")
+            busy = cpu_seconds(pid) - cpu_start
+            figure("agent CPU while out of descriptors", busy, "s in 2 s")
+            assert busy < 0.5, f"the agent spun while out of descriptors: {busy:.2f}s of CPU in 2 s"
+        finally:
+            for sock in held + queued:
+                sock.close()
+        wait_until(lambda: try_fetch(local) == page, 15, "forward serving again")
+        assert sample(agent, "tunnel_reconnects_total", host=remote_host.addr) == 0
+        log = agent.output()
+        assert "Traceback" not in log and "internal error" not in log, log[-2000:]
+        assert agent.stop() == 0, agent.output()
