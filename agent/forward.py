@@ -266,8 +266,9 @@ def serve_connection(conn: socket.socket, peer: tuple, forward: Forward, stats: 
             sent, received = _pump(conn, chan)
         except OSError as exc:  # e.g. out of descriptors for the channel's pipe: this connection only
             stats.failed_total += 1
-            stats.record_error(f"connection failed: {exc}", "local_error")
-            log.warning("%s: connection from %s:%s failed: %s", forward.name, peer[0], peer[1], exc)
+            news = stats.record_error(f"connection failed: {exc}", "local_error")
+            log.log(logging.WARNING if news else logging.DEBUG, "%s: connection from %s:%s failed: %s",
+                    forward.name, peer[0], peer[1], exc)
     finally:
         if chan is not None:
             _shutdown(chan)
