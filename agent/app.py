@@ -141,7 +141,9 @@ class Agent:
         self.start()
         try:
             while not self._stop.is_set():
-                self._wake.wait()
+                # with a timeout: a signal the kernel delivers to another thread only sets a flag, and
+                # Python runs its handler when the main thread next runs bytecode - a bare wait() never does
+                self._wake.wait(0.5)
                 self._wake.clear()
                 if self._reload_requested.is_set() and not self._stop.is_set():
                     self._reload_requested.clear()
