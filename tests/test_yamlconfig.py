@@ -111,3 +111,16 @@ def test_file_sd_names_the_production_host(tmp_path):
     write_file_sd(target, config)
     assert json.loads(target.read_text()) == file_sd_targets(config)
     assert [p.name for p in target.parent.iterdir()] == ["targets.json"]  # no temp file left behind
+
+
+def test_auto_ports_skip_a_port_another_program_holds(tmp_path):
+    import socket
+
+    with socket.socket() as busy:
+        busy.bind(("127.0.0.1", 0))
+        busy.listen()
+        held = busy.getsockname()[1]
+        config = load(tmp_path, f"local_port_range: [{held}, {held + 30}]\n"
+                                "hosts:\n  - {name: a, ssh: h1, forwards: [redis, api]}\n")
+        ports = [f.local_port for f in config.hosts[0].forwards]
+        assert held not in ports and all(held < p <= held + 30 for p in ports) and len(set(ports)) == 2
