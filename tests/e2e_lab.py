@@ -71,23 +71,28 @@ class Lab:
     stack: LinuxStack
     webhook: WebhookReceiver
     time_scale: float
+    fixed_at: float = 0.0
 
     def firing_alerts(self) -> list[dict[str, str]]:
         """Labels of every alert Prometheus has firing now."""
         return [r["metric"] for r in self.stack.query('ALERTS{alertstate="firing"}')]
 
+    def fixed(self) -> None:
+        """Mark the moment the current fault is undone (resolved times are measured from here)."""
+        self.fixed_at = time.monotonic()
+
     def record(self, fault: str, alert: str, fault_at: float, fired_at: float, resolved_at: float | None,
                seed: str = "") -> None:
+        """One row of bench/results/e2e.json: fault -> notification, and fault undone -> resolved."""
         row: dict[str, Any] = {"fault": fault, "alert": alert, "fired_seconds": round(fired_at - fault_at, 2)}
         if resolved_at is not None:
-            row["resolved_seconds"] = round(resolved_at - fault_at, 2)
+            row["resolved_seconds"] = round(resolved_at - self.fixed_at, 2)
         if seed:
             row["seed"] = seed
         RESULT_ROWS.append(row)
         print(f"\n[e2e] {fault}: {alert} notified after {row['fired_seconds']} s"
-              + (f", resolved after {row['resolved_seconds']} s" if resolved_at is not None else "")
+              + (f", resolved {row['resolved_seconds']} s after it was undone" if resolved_at is not None else "")
               + f" (time scale {self.time_scale:g})")
-
 
 def _agent_config(path: Path, host: RemoteHost, pipe: PipelineHost, sd_file: Path, probe_interval: float | None,
                   known_hosts: Path) -> Path:

@@ -35,6 +35,7 @@ def test_worker_killed_fires_worker_down_for_that_worker(lab: Lab):
     assert fired.labels["severity"] and fired.annotations["runbook_url"].endswith("WorkerDown.md")
     assert not lab.webhook.find("WorkerDown", since=t0, host=HOST, worker=survivor), "the survivor was reported"
     assert not lab.webhook.find("NoWorkersOnline", since=t0), "one worker is still online"
+    lab.fixed()
     lab.pipe.start_worker(victim)  # what systemd's Restart= does: the same worker name comes back
     resolved = lab.webhook.wait_for("WorkerDown", "resolved", since=fired.received, timeout=RESOLVE_TIMEOUT,
                                     host=HOST, worker=victim)
@@ -49,6 +50,7 @@ def test_all_workers_killed_fires_no_workers_online(lab: Lab):
     lab.pipe.kill_all_workers()
     fired = lab.webhook.wait_for("NoWorkersOnline", since=t0, timeout=FIRE_TIMEOUT, host=HOST)
     assert fired.labels["severity"] == "critical"
+    lab.fixed()
     for name in names:
         lab.pipe.start_worker(name)
     resolved = lab.webhook.wait_for("NoWorkersOnline", "resolved", since=fired.received,
@@ -67,6 +69,7 @@ def test_queue_backlog_fires_high_queue_depth(lab: Lab):
     fired = lab.webhook.wait_for("HighQueueDepth", since=t0, timeout=FIRE_TIMEOUT, host=HOST)
     depth = lab.stack.query(f'redis_key_size{{host="{HOST}",key="celery"}}')
     assert depth and float(depth[0]["value"][1]) >= 200, depth
+    lab.fixed()
     for name in names:
         lab.pipe.start_worker(name)
     wait_until(lambda: lab.pipe.queue_length() == 0, 120, "the workers to drain the queue")
@@ -83,6 +86,7 @@ def test_api_errors_fire_high_api_error_rate(lab: Lab):
     try:
         fired = lab.webhook.wait_for("HighAPIErrorRate", since=t0, timeout=FIRE_TIMEOUT, host=HOST)
     finally:
+        lab.fixed()
         lab.pipe.set_error_rate(0.0)
     resolved = lab.webhook.wait_for("HighAPIErrorRate", "resolved", since=fired.received, timeout=RESOLVE_TIMEOUT,
                                     host=HOST)
@@ -101,6 +105,7 @@ def test_exporter_stopped_is_reported_for_that_forward_only(lab: Lab):
                   and n.labels.get("forward", n.labels.get("job", "redis")) != "redis"]
         assert not others, f"only the redis forward may alert: {others}"
     finally:
+        lab.fixed()
         lab.pipe.start_service("redis_exporter")
     resolved = lab.webhook.wait_for("ForwardDown", "resolved", since=fired.received, timeout=RESOLVE_TIMEOUT,
                                     host=HOST, forward="redis")
@@ -116,6 +121,7 @@ def test_data_store_stopped_fires_its_down_alert(lab: Lab, service: str, alert: 
         fired = lab.webhook.wait_for(alert, since=t0, timeout=FIRE_TIMEOUT, host=HOST)
         assert fired.labels["severity"] == "critical"
     finally:
+        lab.fixed()
         lab.pipe.start_service(service)
     resolved = lab.webhook.wait_for(alert, "resolved", since=fired.received, timeout=RESOLVE_TIMEOUT, host=HOST)
     lab.record(f"stop {service}", alert, t0, fired.received, resolved.received)
@@ -137,6 +143,7 @@ def test_sshd_stopped_pages_once_with_tunnel_down(lab: Lab):
                   if n.status == "firing" and n.alertname != "TunnelDown"]
         assert not leaked, f"TunnelDown must inhibit the host's other alerts: {leaked}"
     finally:
+        lab.fixed()
         lab.host.start_sshd()
     resolved = lab.webhook.wait_for("TunnelDown", "resolved", since=fired.received, timeout=RESOLVE_TIMEOUT,
                                     host=HOST)
