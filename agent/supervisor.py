@@ -122,13 +122,27 @@ class HostTunnel:
 
     # -- used by the data path --------------------------------------------------------------------
     def open_forward_channel(self, forward: Forward, origin: tuple[str, int]) -> paramiko.Channel:
-        session = self._session_or_wait()
-        if session is None:
-            raise ConnectionError(f"SSH to {self.host.destination} is down ({self.stats.last_error or 'connecting'})")
-        return session.open_channel(forward.remote_host, forward.remote_port, origin, CHANNEL_OPEN_TIMEOUT)
+        """A direct-tcpip channel to the forward's remote port; waits up to `connect_wait` for the link.
 
-    def _session_or_wait(self) -> SSHSession | None:
+        A channel the host refuses (PermitOpen, nothing listening) fails at once. A session that dies
+        while the channel is being opened (the connection was accepted at the instant of a drop) is not
+        the client's problem: it waits for the reconnect within the same `connect_wait`, and tries again.
+        """
         deadline = time.monotonic() + self.connect_wait
+        while True:
+            session = self._session_or_wait(deadline)
+            if session is None:
+                raise ConnectionError(f"SSH to {self.host.destination} is down "
+                                      f"({self.stats.last_error or 'connecting'})")
+            try:
+                return session.open_channel(forward.remote_host, forward.remote_port, origin, CHANNEL_OPEN_TIMEOUT)
+            except paramiko.ChannelException:
+                raise  # the host said no: the session is fine
+            except (paramiko.SSHException, EOFError, OSError):
+                if session.active or time.monotonic() >= deadline:
+                    raise
+
+    def _session_or_wait(self, deadline: float) -> SSHSession | None:
         with self._cond:
             while not self._stopping:
                 session = self._session

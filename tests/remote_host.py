@@ -7,6 +7,7 @@ processes, files) is removed by close(), and stale namespaces of dead test runs 
 """
 from __future__ import annotations
 
+import fcntl
 import itertools
 import os
 import shutil
@@ -17,7 +18,8 @@ import sys
 import tempfile
 import time
 from pathlib import Path
-from typing import Callable, Sequence
+from contextlib import contextmanager
+from typing import Any, Callable, Iterator, Sequence
 
 PREFIX = "tnlt"  # namespaces are named tnlt<pid>x<n>: the pid tells whether their test run is gone
 HELPERS = Path(__file__).resolve().parent / "helpers"
@@ -82,22 +84,27 @@ class RemoteHost:
     def __init__(self, workdir: Path | None = None, client_key: Path | None = None) -> None:
         sweep_stale_namespaces()
         n = next(_counter)
-        self.index = (os.getpid() % 200) * 50 + n  # distinct /30 subnets per run and host
         self.ns = f"{PREFIX}{os.getpid()}x{n}"
         self._veth = f"tv{os.getpid() % 100000}x{n}"[:15]
         self.workdir = Path(workdir or tempfile.mkdtemp(prefix="remote-host-"))
         self.workdir.mkdir(parents=True, exist_ok=True)
-        base = f"10.{200 + (self.index // 250) % 50}.{self.index % 250}"
-        self.addr, self.gateway = f"{base}.2", f"{base}.1"
         self.processes: list[subprocess.Popen] = []
         self.sshd: subprocess.Popen | None = None
         self.sshd_port = 22
         self._blackholed = False
-        self._create_namespace()
-        self.host_key = keygen(self.workdir / "ssh_host_ed25519_key")
-        self.client_key = client_key or keygen(self.workdir / "id_ed25519")
-        self.authorized_keys = self.workdir / "authorized_keys"
-        self.authorized_keys.write_text(Path(f"{self.client_key}.pub").read_text())
+        with _subnet_lock():  # concurrent test runs must not pick the same /30
+            self.index = _free_subnet_index((os.getpid() % 200) * 50 + n)
+            base = f"10.{200 + (self.index // 250) % 50}.{self.index % 250}"
+            self.addr, self.gateway = f"{base}.2", f"{base}.1"
+            self._create_namespace()
+        try:
+            self.host_key = keygen(self.workdir / "ssh_host_ed25519_key")
+            self.client_key = client_key or keygen(self.workdir / "id_ed25519")
+            self.authorized_keys = self.workdir / "authorized_keys"
+            self.authorized_keys.write_text(Path(f"{self.client_key}.pub").read_text())
+        except BaseException:
+            self.close()
+            raise
         self.sshd_extra: list[str] = []
 
     # -- namespace ------------------------------------------------------------------------------
@@ -120,11 +127,11 @@ class RemoteHost:
         """Run a command inside the namespace and wait for it."""
         return _run(["ip", "netns", "exec", self.ns, *cmd], check=check)
 
-    def spawn(self, cmd: Sequence[str], **popen: object) -> subprocess.Popen:
+    def spawn(self, cmd: Sequence[str], **popen: Any) -> subprocess.Popen:
         """Start a long-running process inside the namespace; close() stops it."""
         popen.setdefault("stdout", subprocess.DEVNULL)
         popen.setdefault("stderr", subprocess.DEVNULL)
-        proc = subprocess.Popen(["ip", "netns", "exec", self.ns, *cmd], **popen)  # type: ignore[arg-type]
+        proc = subprocess.Popen(["ip", "netns", "exec", self.ns, *cmd], **popen)
         self.processes.append(proc)
         return proc
 
@@ -167,13 +174,30 @@ class RemoteHost:
             return False
 
     def stop_sshd(self) -> None:
-        """Stop the listening sshd and every session it forked (like `systemctl stop ssh` + kill)."""
-        for pid in self.sshd_session_pids():
-            _kill(pid, signal.SIGKILL)
+        """Stop the listening sshd, then every session it forked (like `systemctl stop ssh` + kill).
+
+        The listener goes first: killing sessions first lets a client that reconnects at once get a new
+        session from the old listener. Sessions are then found as the sshd processes of the namespace.
+        """
         if self.sshd is not None:
             _stop(self.sshd)
             self.processes.remove(self.sshd)
             self.sshd = None
+        for pid in self.namespace_sshd_pids():
+            _kill(pid, signal.SIGKILL)
+
+    def namespace_sshd_pids(self) -> list[int]:
+        """Every sshd process (listener or session) running in this namespace."""
+        listing = _run(["ip", "netns", "pids", self.ns], check=False).stdout.split()
+        pids = []
+        for pid in (int(p) for p in listing if p.isdigit()):
+            try:
+                comm = Path(f"/proc/{pid}/comm").read_text().strip()
+            except OSError:
+                continue
+            if comm.startswith("sshd"):
+                pids.append(pid)
+        return pids
 
     def restart_sshd(self) -> None:
         self.stop_sshd()
@@ -239,11 +263,11 @@ class RemoteHost:
 
     def close(self) -> None:
         self.clear_blackhole()
-        for pid in self.sshd_session_pids():
-            _kill(pid, signal.SIGKILL)
         for proc in reversed(self.processes):
             _stop(proc)
         self.processes.clear()
+        for pid in self.namespace_sshd_pids():  # sessions outlive their listener
+            _kill(pid, signal.SIGKILL)
         self.sshd = None
         _run(["ip", "link", "del", self._veth], check=False)
         _run(["ip", "netns", "del", self.ns], check=False)
@@ -253,6 +277,27 @@ class RemoteHost:
 
     def __exit__(self, *exc: object) -> None:
         self.close()
+
+
+@contextmanager
+def _subnet_lock() -> Iterator[None]:
+    path = Path("/run/lock/ssh-tunnel-agent-tests-subnets.lock")
+    path.parent.mkdir(parents=True, exist_ok=True)
+    with open(path, "w") as lock:
+        fcntl.flock(lock, fcntl.LOCK_EX)
+        yield
+
+
+def _free_subnet_index(start: int) -> int:
+    """The first /30 index from `start` whose gateway address no interface of ours holds yet."""
+    taken = _run(["ip", "-o", "-4", "addr"], check=False).stdout
+    index = start
+    for _ in range(2500):
+        base = f"10.{200 + (index // 250) % 50}.{index % 250}"
+        if f" {base}.1/" not in taken:
+            return index
+        index += 1
+    raise RuntimeError("no free 10.200-249.x.0/30 subnet for a namespace host")
 
 
 def _child_pids(pid: int) -> list[int]:

@@ -176,25 +176,8 @@ def single(remote_host: RemoteHost, size: int = 20_000, *extra: str) -> tuple[Ag
     return agent, local, metrics_page(size, "redis")
 
 
-def stop_sshd(host: RemoteHost) -> None:
-    """Stop sshd the way a restart does, without a race: the listener first, then its sessions.
-
-    (RemoteHost.stop_sshd kills the sessions first; an agent reconnecting at once can then get a new
-    session from the old listener, which outlives it, and the "restart" is never seen.)
-    """
-    sessions = host.sshd_session_pids()
-    assert host.sshd is not None
-    host.stop(host.sshd)
-    host.sshd = None
-    for pid in sessions:
-        try:
-            os.kill(pid, signal.SIGKILL)
-        except ProcessLookupError:
-            pass
-
-
 def restart_sshd(host: RemoteHost) -> None:
-    stop_sshd(host)
+    host.stop_sshd()
     host.start_sshd()  # returns as soon as the new sshd answers with its banner
 
 
@@ -223,7 +206,7 @@ def test_forwards_usable_again_after_sshd_restart_or_kill9(remote_host: RemoteHo
         if fault == "sshd_restart":
             restart_sshd(remote_host)
         elif fault == "sshd_down_a_while":  # a slow restart (package upgrade): the backoff has grown meanwhile
-            stop_sshd(remote_host)
+            remote_host.stop_sshd()
             wait_until(lambda: (sample(agent, "tunnel_connect_failures_total", host=remote_host.addr) or 0) >= 6,
                        20, "six refused attempts", interval=0.1)
             remote_host.start_sshd()
