@@ -9,7 +9,7 @@ from __future__ import annotations
 import logging
 import signal
 import threading
-from typing import Callable, Iterable, TextIO
+from typing import Any, Callable, Iterable, TextIO
 
 from . import __version__
 from .auth import Identities, load_identities
@@ -18,7 +18,7 @@ from .discovery import write_file_sd
 from .errors import AgentError
 from .forward import Acceptor
 from .metrics import AgentMetrics, CollectorSet
-from .probe import Prober, probe_url
+from .probe import PROBE_ORIGIN, Prober, probe_url
 from .status import StatusDisplay
 from .supervisor import HostTunnel
 
@@ -53,7 +53,7 @@ class Agent:
         self._reload_requested = threading.Event()
         self._wake = threading.Event()
         self._lock = threading.Lock()
-        self._polls: dict[str, Callable[[], None]] = {}
+        self._polls: dict[str, Any] = {}  # host -> its Celery workers collector
 
     def current_tunnels(self) -> Iterable[HostTunnel]:
         with self._lock:
@@ -118,21 +118,32 @@ class Agent:
         if flower is None:
             return
         try:
-            from .collectors.celery_workers import CeleryWorkersCollector
+            from .collectors.celery_workers import POLL_INTERVAL, CeleryWorkersCollector
         except ImportError:  # pragma: no cover - the collector module is being written
             return
 
+        def open_channel(timeout: float) -> object:
+            """A channel to Flower on the host's SSH session (no local connection, accept thread or pump)."""
+            with self._lock:
+                tunnel = self.tunnels.get(host.name)
+            if tunnel is None or tunnel.stats.state != "up":  # never wait for (nor nudge) a reconnect
+                raise ConnectionError(f"SSH to {host.name} is down")
+            channel = tunnel.open_forward_channel(flower, PROBE_ORIGIN)
+            channel.settimeout(timeout)
+            return channel
+
         base_url = probe_url(flower).removesuffix(flower.path)
-        collector = CeleryWorkersCollector(host.name, base_url, auth=flower.basic_auth)
+        collector = CeleryWorkersCollector(host.name, base_url, auth=flower.basic_auth, open_channel=open_channel)
         self.collectors.add(host.name, collector)
-        self._polls[host.name] = collector.poll
-        self.prober.add_job(collector.poll)
+        self._polls[host.name] = collector
+        self.prober.add_job(collector.poll, POLL_INTERVAL)  # its own faster schedule, not probe_interval
 
     def _remove_collectors(self, name: str) -> None:
         self.collectors.remove(name)
-        poll = self._polls.pop(name, None)
-        if poll is not None:
-            self.prober.remove_job(poll)
+        collector = self._polls.pop(name, None)
+        if collector is not None:
+            self.prober.remove_job(collector.poll)
+            collector.close()
 
     def run(self, install_signals: bool = True) -> int:
         """Start, then block until stop(); return the exit status (0 on a clean stop)."""

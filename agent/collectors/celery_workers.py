@@ -15,27 +15,43 @@ the last good answer is older than `stale_after`, only `celery_flower_up{host} 0
 worker series at all, so no stale `celery_worker_up 1` and no false `celery_workers_online 0`; the
 alert rules see the absence (and ForwardDown/ExporterScrapeFailing say why). A worker Flower has
 seen stays listed with 0 after it dies, until Flower restarts (Flower keeps dead workers in memory).
+
+The agent polls every POLL_INTERVAL seconds (5 s, on its own schedule, not the probe interval): Flower
+flags a kill -9'd worker ~4 s after its last heartbeat, so celery_worker_up reads 0 within ~10 s. Each
+host's collector keeps ONE keep-alive HTTP/1.1 connection to Flower (`http.client`, no `requests`): in
+the agent it is a direct-tcpip channel on the host's SSH session (`open_channel`), so a poll is one
+request on an open channel - no local connection, accept thread or pump; without `open_channel` it is a
+TCP connection to `base_url`. A connection Flower closed while idle is replaced once, at once. A poll
+still running makes the next one a no-op (never two at once, never a queue).
 """
 from __future__ import annotations
 
+import base64
+import http.client
+import json
 import logging
 import threading
 import time
-from typing import Callable, Iterable
+import urllib.parse
+from typing import Any, Callable, Iterable
 
-import requests
 from prometheus_client.core import GaugeMetricFamily, Metric
 
 log = logging.getLogger(__name__)
 
 WORKERS_PATH = "/api/workers?status=true"
+POLL_INTERVAL = 5.0  # seconds between two reads of Flower (the agent's default)
+MAX_ANSWER = 4 * 1024 * 1024  # a bigger answer is not a workers list
+
+#: opens a fresh byte stream to Flower (a socket, or a paramiko Channel) with the given timeout
+ChannelOpener = Callable[[float], Any]
 
 
 class CeleryWorkersCollector:
     """Polls Flower's `/api/workers?status=true` for one host; exports the last answer on collect()."""
 
     def __init__(self, host: str, base_url: str, auth: tuple[str, str] | None = None, *, timeout: float = 5.0,
-                 stale_after: float = 90.0, session: requests.Session | None = None,
+                 stale_after: float = 90.0, open_channel: ChannelOpener | None = None,
                  clock: Callable[[], float] = time.monotonic) -> None:
         self.host = host
         self.url = base_url.rstrip("/") + WORKERS_PATH
@@ -43,8 +59,14 @@ class CeleryWorkersCollector:
         self.timeout = timeout
         self.stale_after = stale_after
         self._clock = clock
-        self._session = session or requests.Session()
-        self._session.trust_env = False  # never send 127.0.0.1 through an HTTP(S)_PROXY
+        parsed = urllib.parse.urlsplit(self.url)
+        self._address = (parsed.hostname or "127.0.0.1", parsed.port or 80)
+        self._target = parsed.path + (f"?{parsed.query}" if parsed.query else "")
+        self._headers = {"Accept": "application/json", "User-Agent": "tunnel-agent-celery-collector"}
+        if auth is not None:
+            self._headers["Authorization"] = "Basic " + base64.b64encode(":".join(auth).encode()).decode()
+        self._open_channel = open_channel
+        self._conn: http.client.HTTPConnection | None = None
         self._lock = threading.Lock()
         self._polling = threading.Lock()
         self._workers: dict[str, bool] | None = None
@@ -72,22 +94,64 @@ class CeleryWorkersCollector:
 
     def _read(self) -> tuple[dict[str, bool] | None, str]:
         try:
-            response = self._session.get(self.url, auth=self.auth, timeout=self.timeout,
-                                         headers={"Connection": "close", "Accept": "application/json"})
-        except requests.RequestException as exc:
+            status, body = self._get()
+        except Exception as exc:  # noqa: BLE001 - OSError, HTTPException, paramiko's SSHException, EOFError...
             return None, f"Flower not reachable at {self.url}: {type(exc).__name__}"
-        if response.status_code in (401, 403):
-            return None, f"Flower answered HTTP {response.status_code}: set flower_auth for this host"
-        if response.status_code != 200:
-            return None, f"Flower answered HTTP {response.status_code}"
+        if status in (401, 403):
+            return None, f"Flower answered HTTP {status}: set flower_auth for this host"
+        if status != 200:
+            return None, f"Flower answered HTTP {status}"
         try:
-            data = response.json()
+            data = json.loads(body)
         except ValueError:
             return None, "Flower's workers API did not answer JSON"
         if not isinstance(data, dict) or not all(isinstance(k, str) and isinstance(v, bool)
                                                  for k, v in data.items()):
             return None, "Flower's workers API answered an unexpected shape (not {worker: bool})"
         return data, ""
+
+    def _get(self) -> tuple[int, bytes]:
+        """GET the workers API on the kept connection; one retry on a fresh one if Flower had closed it."""
+        reused = self._conn is not None
+        try:
+            return self._get_once()
+        except TimeoutError:  # Flower is slow: no second try, the poll stays bounded by `timeout`
+            self._drop()
+            raise
+        except (http.client.HTTPException, OSError, EOFError):  # e.g. closed while idle: once more, fresh
+            self._drop()
+            if not reused:
+                raise
+        except BaseException:
+            self._drop()
+            raise
+        try:
+            return self._get_once()
+        except BaseException:
+            self._drop()
+            raise
+
+    def _get_once(self) -> tuple[int, bytes]:
+        if self._conn is None:
+            self._conn = _Connection(self._address, self.timeout, self._open_channel)
+        self._conn.request("GET", self._target, headers=self._headers)
+        response = self._conn.getresponse()
+        body = response.read(MAX_ANSWER + 1)
+        if len(body) > MAX_ANSWER or response.will_close or not response.isclosed():
+            self._drop()  # the server closes, or the answer was cut: never reuse that connection
+        return response.status, body
+
+    def _drop(self) -> None:
+        conn, self._conn = self._conn, None
+        if conn is not None:
+            try:
+                conn.close()
+            except Exception:  # noqa: BLE001 - closing a channel of a dead session
+                pass
+
+    def close(self) -> None:
+        """Close the keep-alive connection to Flower (the collector is being dropped; a running poll fails)."""
+        self._drop()
 
     def snapshot(self) -> dict[str, bool] | None:
         """The workers of the last good poll (worker -> alive), or None when unknown or stale."""
@@ -117,3 +181,18 @@ class CeleryWorkersCollector:
         online.add_metric([self.host], float(sum(workers.values())))
         yield up
         yield online
+
+
+
+class _Connection(http.client.HTTPConnection):
+    """An HTTP/1.1 keep-alive connection over a TCP socket, or over what `open_channel` returns."""
+
+    def __init__(self, address: tuple[str, int], timeout: float, open_channel: ChannelOpener | None) -> None:
+        super().__init__(address[0], address[1], timeout=timeout)
+        self._open_channel = open_channel
+
+    def connect(self) -> None:
+        if self._open_channel is None:
+            super().connect()
+            return
+        self.sock = self._open_channel(self.timeout)
