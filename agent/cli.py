@@ -5,6 +5,7 @@ Every error an operator can cause is one line on stderr and exit status 2; no tr
 from __future__ import annotations
 
 import argparse
+import math
 import logging
 import os
 import sys
@@ -13,6 +14,7 @@ from typing import Callable, Sequence
 
 from . import __version__
 from .config import (
+    MAX_CONNECT_WAIT,
     DEFAULT_METRICS_ADDR,
     AgentConfig,
     Forward,
@@ -140,8 +142,8 @@ def agent_options(args: argparse.Namespace) -> dict[str, object]:
     if args.metrics is not None:
         options["metrics_addr"] = parse_listen_addr(args.metrics)
     if args.connect_wait is not None:
-        if args.connect_wait < 0:
-            raise UsageError(f"--connect-wait {args.connect_wait:g} must be >= 0 seconds")
+        if not (math.isfinite(args.connect_wait) and 0 <= args.connect_wait <= MAX_CONNECT_WAIT):
+            raise UsageError(f"--connect-wait {args.connect_wait:g} must be 0-{MAX_CONNECT_WAIT:g} seconds")
         options["connect_wait"] = args.connect_wait
     return options
 

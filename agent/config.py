@@ -6,12 +6,15 @@ Every parser raises UsageError with one line that names the bad value and how to
 from __future__ import annotations
 
 import dataclasses
+import logging
 import re
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Mapping
 
 from .errors import UsageError
+
+log = logging.getLogger(__name__)
 
 #: The five exporters of the monitored pipeline, each forwarded to the same port on the host's 127.0.0.1.
 DEFAULT_FORWARDS: tuple[tuple[str, int], ...] = (
@@ -24,6 +27,7 @@ DEFAULT_FORWARDS: tuple[tuple[str, int], ...] = (
 LOOPBACK = "127.0.0.1"
 DEFAULT_METRICS_ADDR = (LOOPBACK, 9595)
 STRICT_POLICIES = ("yes", "accept-new")
+MAX_CONNECT_WAIT = 300.0  # seconds a local connection may wait for a reconnect (--connect-wait)
 
 
 @dataclass(frozen=True)
@@ -231,9 +235,20 @@ def normalize_strict_policy(value: str, where: str) -> str:
     lowered = value.strip().lower()
     if lowered in ("yes", "ask", "true"):
         return "yes"
-    if lowered in ("accept-new", "no", "off", "false"):
+    if lowered == "accept-new":
+        return "accept-new"
+    if lowered in ("no", "off", "false"):
+        log.warning("%s=%s: an unknown host key is never trusted blindly here; treating it as accept-new "
+                    "(first key recorded in known_hosts, a changed key refused)", where, value)
         return "accept-new"
     raise UsageError(f"{where}={value} is not valid: use yes (default) or accept-new")
+
+
+def warn_if_exposed(bind: str, what: str) -> None:
+    """A listener beyond loopback puts production data on the laptop's network: say so, loudly."""
+    if bind not in (LOOPBACK, "localhost", "::1") and not bind.startswith("127."):
+        log.warning("%s listens on %s, not 127.0.0.1: anyone on this machine's networks can read it; "
+                    "bind to 127.0.0.1 unless that is what you want", what, bind or "all addresses")
 
 
 def parse_listen_addr(spec: str, what: str = "--metrics") -> tuple[str, int] | None:
@@ -244,4 +259,6 @@ def parse_listen_addr(spec: str, what: str = "--metrics") -> tuple[str, int] | N
     host = host.strip("[]") or LOOPBACK
     if host == "localhost":
         host = LOOPBACK
-    return host, parse_port(port, f"{what} port in {spec!r}")
+    address = host, parse_port(port, f"{what} port in {spec!r}")
+    warn_if_exposed(host, what)
+    return address

@@ -21,7 +21,7 @@ from typing import Callable, Protocol
 import paramiko
 import paramiko.pipe
 
-from .config import Forward
+from .config import Forward, warn_if_exposed
 from .errors import UsageError
 
 log = logging.getLogger(__name__)
@@ -95,7 +95,7 @@ def bind_listener(forward: Forward) -> socket.socket:
         sock.close()
         if exc.errno == errno.EADDRINUSE:
             raise UsageError(
-                f"local port {forward.local}  ({forward.name}) is already in use: stop what listens there "
+                f"local port {forward.local} ({forward.name}) is already in use: stop what listens there "
                 f"(`ss -ltnp 'sport = :{forward.local_port}'`) or forward another port, e.g. "
                 f"-L {forward.local_port + 10000}:{forward.remote_host}:{forward.remote_port}") from None
         if exc.errno == errno.EACCES:
@@ -103,6 +103,7 @@ def bind_listener(forward: Forward) -> socket.socket:
                              "use a port above 1023") from None
         raise UsageError(f"cannot listen on {forward.local} ({forward.name}): {exc.strerror}") from None
     sock.setblocking(False)
+    warn_if_exposed(forward.bind, f"forward {forward.name} ({forward.local})")
     return sock
 
 

@@ -43,6 +43,10 @@ def load_ssh_config(path: str | None) -> paramiko.SSHConfig:
         return paramiko.SSHConfig.from_path(str(file))
     except PermissionError:
         raise UsageError(f"ssh config file {file} is not readable: fix its permissions") from None
+    except IsADirectoryError:
+        raise UsageError(f"ssh config file {file} is a directory: give -F a file (or -F none)") from None
+    except OSError as exc:
+        raise UsageError(f"ssh config file {file} cannot be read ({exc.strerror}): check the -F path") from None
     except (paramiko.ConfigParseError, ValueError, IndexError) as exc:
         raise UsageError(f"ssh config file {file} cannot be parsed ({exc}): fix the line or use -F none") from None
 
@@ -91,6 +95,13 @@ def resolve_host(
     policy = normalize_strict_policy(pick("StrictHostKeyChecking", "yes") or "yes",
                                      "StrictHostKeyChecking")
 
+    if jump is not None and not jump.strip():
+        raise UsageError("-J needs a jump host: write -J [user@]jump[:port] (or leave -J out)")
+    proxy_command = found.get("proxycommand")
+    if proxy_command and proxy_command.lower() != "none" and not (jump or options.get("ProxyJump")
+                                                                   or found.get("proxyjump")):
+        raise UsageError(f"ssh config for {alias} uses ProxyCommand, which tunnel does not run: write "
+                         "ProxyJump (or -J) for a jump host, or use -F none to ignore that config")
     jump_spec = jump or options.get("ProxyJump") or found.get("proxyjump")
     jump_host = None
     if jump_spec and jump_spec.lower() != "none":

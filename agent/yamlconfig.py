@@ -19,6 +19,7 @@ Prometheus targets stay put.
 """
 from __future__ import annotations
 
+import math
 import os
 import re
 import socket
@@ -32,6 +33,7 @@ import yaml
 from .config import (
     DEFAULT_FORWARDS,
     LOOPBACK,
+    MAX_CONNECT_WAIT,
     AgentConfig,
     Forward,
     HostConfig,
@@ -108,10 +110,12 @@ class _Node:
             raise self.fail("must be a string")
         return str(value)
 
-    def number(self, positive: bool = True) -> float:
+    def number(self, positive: bool = True, maximum: float = 86400.0) -> float:
         value = self.scalar()
-        if isinstance(value, bool) or not isinstance(value, (int, float)) or (positive and value <= 0):
-            raise self.fail(f"must be a {'positive ' if positive else ''}number, not {value!r}")
+        if isinstance(value, bool) or not isinstance(value, (int, float)) or not math.isfinite(value) \
+                or value < 0 or (positive and value == 0) or value > maximum:
+            lowest = "above 0" if positive else "0"
+            raise self.fail(f"must be a number from {lowest} to {maximum:g}, not {value!r}")
         return float(value)
 
     def port(self) -> int:
@@ -192,7 +196,7 @@ def _build(root: _Node, ssh_config: paramiko.SSHConfig, overrides: dict[str, obj
     if "probe_interval" in top:
         settings["probe_interval"] = top["probe_interval"].number()
     if "connect_wait" in top:
-        settings["connect_wait"] = top["connect_wait"].number(positive=False)
+        settings["connect_wait"] = top["connect_wait"].number(positive=False, maximum=MAX_CONNECT_WAIT)
     settings.update(overrides)
     return AgentConfig(hosts=tuple(hosts), **settings)  # type: ignore[arg-type]
 
@@ -328,6 +332,8 @@ def _flower_auth(node: _Node) -> tuple[str, str]:
     if "password_file" in fields:
         path = Path(os.path.expanduser(fields["password_file"].text()))
         try:
+            if path.stat().st_mode & 0o077:
+                raise fields["password_file"].fail(f"{path} is readable by other users: chmod 600 {path}")
             password = path.read_text().strip()
         except OSError as exc:
             raise fields["password_file"].fail(f"{path} is not readable ({exc.strerror})") from None

@@ -56,6 +56,10 @@ def key(tmp_path: Path, passphrase: str = "") -> Path:
     (["--bogus"], ["unrecognized arguments", "--help"]),
     (["--metrics", "127.0.0.1:http", "host"], ["--metrics port"]),
     (["--connect-wait", "-1", "host"], ["--connect-wait"]),
+    (["--connect-wait", "inf", "host"], ["--connect-wait inf", "0-300"]),
+    (["--connect-wait", "nan", "host"], ["--connect-wait nan"]),
+    (["-F", "/", "host"], ["ssh config file / is a directory", "-F none"]),
+    (["-J", "", "host"], ["-J needs a jump host"]),
 ])
 def test_bad_input(args, fragments):
     assert_usage_error(run(*NO_CONFIG[:2], *args), *fragments)
@@ -92,6 +96,51 @@ def test_bad_yaml_names_the_line(tmp_path):
     config.write_text("hosts:\n  - name: a\n    ssh: h\n    colour: red\n")
     assert_usage_error(run("--config", str(config), "-F", "none", "--metrics", "off"),
                        f"{config}:4:", "unknown key 'colour'")
+
+
+@pytest.mark.parametrize("line, fragments", [
+    ("probe_interval: .nan", ["probe_interval", "must be a number"]),
+    ("probe_interval: .inf", ["probe_interval", "must be a number"]),
+    ("connect_wait: -5", ["connect_wait", "must be a number from 0"]),
+])
+def test_bad_yaml_numbers_are_usage_errors(tmp_path, line, fragments):
+    config = tmp_path / "hosts.yml"
+    config.write_text(f"{line}\nhosts:\n  - {{name: a, ssh: h}}\n")
+    assert_usage_error(run("--config", str(config), "-F", "none", "--metrics", "off"), f"{config}:1:", *fragments)
+
+
+def test_flower_password_file_readable_by_others_is_refused(tmp_path):
+    secret = tmp_path / "flower.pass"
+    secret.write_text("s3cret\n")
+    secret.chmod(0o644)
+    config = tmp_path / "hosts.yml"
+    config.write_text(f"hosts:\n  - name: a\n    ssh: h\n    flower_auth: {{username: u, password_file: {secret}}}\n")
+    assert_usage_error(run("--config", str(config), "-F", "none", "--metrics", "off"), "readable by other users",
+                       f"chmod 600 {secret}")
+
+
+def test_proxycommand_is_refused_with_the_fix(tmp_path):
+    config = tmp_path / "ssh_config"
+    config.write_text("Host prod\n  HostName 192.0.2.1\n  ProxyCommand nc -X 5 -x proxy:1080 %h %p\n")
+    assert_usage_error(run("-F", str(config), "--metrics", "off", "prod"), "ProxyCommand", "ProxyJump")
+
+
+def test_exposed_listener_is_warned_about(tmp_path):
+    private = key(tmp_path)
+    port = free_port()
+    agent = subprocess.Popen([sys.executable, str(TUNNEL), *NO_CONFIG, "-i", str(private), "-o", "ConnectTimeout=1",
+                              "-L", f"0.0.0.0:{port}:127.0.0.1:9121", "192.0.2.1"], stdin=subprocess.DEVNULL,
+                             stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True,
+                             env={**os.environ, "HOME": str(tmp_path)})
+    try:
+        assert agent.stderr is not None
+        first = agent.stderr.readline()  # the warning comes when the listener is bound, before connecting
+    finally:
+        agent.terminate()
+        agent.wait(10)
+        if agent.stderr:
+            agent.stderr.close()
+    assert "listens on 0.0.0.0, not 127.0.0.1" in first, first
 
 
 def test_local_port_in_use(tmp_path):
