@@ -76,6 +76,7 @@ def doc_home(tmp_path: Path, monkeypatch) -> Path:
     config_dir = tmp_path / ".config" / "tunnel"
     config_dir.mkdir(parents=True)
     (config_dir / "flower.pass").write_text("not-a-real-password\n")
+    (config_dir / "flower.pass").chmod(0o600)  # the loader refuses a password file others can read
     fleet = next(b for b in blocks("yaml") if b.mode == "yaml" and b.file.name == "operations.md")
     (config_dir / "hosts.yml").write_text(fleet.text)
     monkeypatch.setenv("HOME", str(tmp_path))
