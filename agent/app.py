@@ -132,8 +132,15 @@ class Agent:
             channel.settimeout(timeout)
             return channel
 
+        def answered(status: int) -> None:  # Flower answered: the flower forward needs no probe this round
+            with self._lock:
+                tunnel = self.tunnels.get(host.name)
+            if tunnel is not None and flower.name in tunnel.forwards:
+                self.prober.answered(tunnel.forwards[flower.name], status)
+
         base_url = probe_url(flower).removesuffix(flower.path)
-        collector = CeleryWorkersCollector(host.name, base_url, auth=flower.basic_auth, open_channel=open_channel)
+        collector = CeleryWorkersCollector(host.name, base_url, auth=flower.basic_auth, open_channel=open_channel,
+                                           on_answer=answered)
         self.collectors.add(host.name, collector)
         self._polls[host.name] = collector
         self.prober.add_job(collector.poll, POLL_INTERVAL)  # its own faster schedule, not probe_interval

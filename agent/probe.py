@@ -25,6 +25,9 @@ That is accepted because (1) the scraper that made the traffic sees the HTTP sta
 `up`), (2) only a forward whose last probe was *good* is skipped, so a forward never turns up on traffic
 alone, and (3) a forward is actively probed at least every PASSIVE_MAX_ROUNDS rounds whatever the traffic,
 so an exporter that starts answering 5xx reads down within PASSIVE_MAX_ROUNDS x probe_interval.
+An HTTP answer (< 500, not 401/403) that another reader of the same remote port got through its own
+channel since the previous round counts as the same evidence (`Prober.answered`: the Celery collector
+reads Flower every 5 s, so the `flower` forward needs no probe of its own in between).
 Note that ForwardStats counts bytes when a connection closes, so a scraper holding one keep-alive
 connection open proves nothing until it closes it (those forwards keep being probed actively).
 
@@ -36,7 +39,6 @@ from __future__ import annotations
 import base64
 import functools
 import logging
-import socket
 import threading
 import time
 from concurrent.futures import ThreadPoolExecutor
@@ -120,7 +122,7 @@ def _exchange(chan: paramiko.Channel, forward: Forward, deadline: float, timeout
         while True:
             remaining = deadline - time.monotonic()
             if remaining <= 0:
-                raise socket.timeout()
+                raise TimeoutError()
             chan.settimeout(remaining)
             data = chan.recv(65536)
             if not data:
@@ -140,7 +142,7 @@ def _exchange(chan: paramiko.Channel, forward: Forward, deadline: float, timeout
                 body += len(data)
             if len(head) + body >= PROBE_MAX_BYTES:
                 break
-    except socket.timeout:
+    except TimeoutError:
         if code is None:
             return False, f"no answer from the exporter on {forward.remote} within {timeout:g}s"
         # the status line came, the rest is slow: judge on the status line
@@ -178,6 +180,7 @@ class Prober:
         self._in_flight: set[int] = set()  # id() of ForwardStats being probed (dataclasses are unhashable)
         #: id(stats) -> (stats, bytes_from_remote, failed_total, rounds skipped) at the previous round
         self._seen: dict[int, tuple[ForwardStats, int, int, int]] = {}
+        self._answered: set[int] = set()  # id() of ForwardStats another reader got an HTTP answer through
         self._stop = threading.Event()
         self._thread = threading.Thread(target=self._loop, name="prober", daemon=True)
 
@@ -212,6 +215,7 @@ class Prober:
         with self._lock:
             for key in [k for k in self._seen if k not in live]:
                 del self._seen[key]
+            self._answered &= live
         for tunnel in tunnels:
             self.probe_host(tunnel, passive=True)
         for job in list(self._extra_jobs):
@@ -228,6 +232,12 @@ class Prober:
             if self._should_probe(stats, passive):
                 self._submit(functools.partial(self._probe_once, tunnel, stats))
 
+    def answered(self, stats: ForwardStats, status: int) -> None:
+        """Another reader (e.g. the Celery collector) got HTTP `status` from the forward's remote port."""
+        if status < 500 and status not in (401, 403):
+            with self._lock:
+                self._answered.add(id(stats))
+
     def _should_probe(self, stats: ForwardStats, passive: bool) -> bool:
         key = id(stats)
         received, failed = stats.bytes_from_remote, stats.failed_total
@@ -235,8 +245,10 @@ class Prober:
             if key in self._in_flight:
                 return False  # the previous probe is still running: never queue another behind it
             previous = self._seen.get(key)
+            answered = key in self._answered
+            self._answered.discard(key)
             if passive and previous is not None and previous[0] is stats:
-                proved = received > previous[1] and failed == previous[2]
+                proved = (received > previous[1] or answered) and failed == previous[2]
                 if proved and stats.probe_ok and previous[3] + 1 < PASSIVE_MAX_ROUNDS:
                     self._seen[key] = (stats, received, failed, previous[3] + 1)
                     return False

@@ -3,11 +3,12 @@
 - Outcomes: 200 -> up; 500 -> down; 401 -> down with the basic-auth hint, up with the right credentials;
   nothing listening -> the channel error; PermitOpen refusal -> "administratively prohibited".
 - A slow exporter (one scrape at a time, ~2 s each) never gets a second probe while one is running.
-- Passive health: a round after real traffic through the forward sends no probe; a forward is still
-  probed actively every PASSIVE_MAX_ROUNDS rounds.
+- Passive health: a round after real traffic through the forward (or after an HTTP answer another
+  reader got, `Prober.answered`) sends no probe; a forward is still probed every PASSIVE_MAX_ROUNDS rounds.
 """
 from __future__ import annotations
 
+import subprocess
 import sys
 import urllib.request
 from pathlib import Path
@@ -46,7 +47,9 @@ class H(BaseHTTPRequestHandler):
             self.wfile.write(body)
         finally:
             with lock: state["now"] -= 1
-ThreadingHTTPServer(("127.0.0.1", port), H).serve_forever()
+server = ThreadingHTTPServer(("127.0.0.1", port), H)
+print("ready", flush=True)
+server.serve_forever()
 '''
 
 PORTS = {"ok": 9101, "err": 9102, "auth": 9103, "slow": 9104, "none": 9105, "denied": 9106}
@@ -62,10 +65,9 @@ def host(tmp_path: Path) -> Iterator[RemoteHost]:
         script = tmp_path / "server.py"
         script.write_text(SERVER)
         for name, mode in (("ok", "ok"), ("err", "500"), ("auth", "auth"), ("slow", "slow"), ("denied", "ok")):
-            remote.spawn([sys.executable, str(script), str(PORTS[name]), mode, str(tmp_path / f"{name}.log")])
-        for name in ("ok", "err", "auth", "slow", "denied"):
-            wait_until(lambda: remote.exec(["python3", "-c", f"import socket; socket.create_connection(('127.0.0.1', {PORTS[name]}))"],
-                                           check=False).returncode == 0, 10, f"{name} server listening")
+            proc = remote.spawn([sys.executable, str(script), str(PORTS[name]), mode, str(tmp_path / f"{name}.log")],
+                                stdout=subprocess.PIPE)
+            assert proc.stdout is not None and proc.stdout.readline().strip() == b"ready", f"{name} server"
         yield remote
 
 
@@ -162,5 +164,9 @@ def test_traffic_through_the_forward_replaces_probes(tunnel, tmp_path: Path) -> 
         scrape()
         assert round_probes() == 1, f"still probed actively every {PASSIVE_MAX_ROUNDS} rounds"
         assert ok.probe_ok
+        prober.answered(ok, 200)  # another reader (the Celery collector) got an answer through that port
+        assert round_probes() == 0, "an answer to another reader proved the path: no probe"
+        prober.answered(ok, 500)
+        assert round_probes() == 1, "an error answer proves nothing"
     finally:
         prober.stop()

@@ -52,6 +52,7 @@ class CeleryWorkersCollector:
 
     def __init__(self, host: str, base_url: str, auth: tuple[str, str] | None = None, *, timeout: float = 5.0,
                  stale_after: float = 90.0, open_channel: ChannelOpener | None = None,
+                 on_answer: Callable[[int], None] | None = None,
                  clock: Callable[[], float] = time.monotonic) -> None:
         self.host = host
         self.url = base_url.rstrip("/") + WORKERS_PATH
@@ -66,6 +67,7 @@ class CeleryWorkersCollector:
         if auth is not None:
             self._headers["Authorization"] = "Basic " + base64.b64encode(":".join(auth).encode()).decode()
         self._open_channel = open_channel
+        self._on_answer = on_answer  # told Flower's HTTP status after each answer (proof the forward works)
         self._conn: http.client.HTTPConnection | None = None
         self._lock = threading.Lock()
         self._polling = threading.Lock()
@@ -97,6 +99,11 @@ class CeleryWorkersCollector:
             status, body = self._get()
         except Exception as exc:  # noqa: BLE001 - OSError, HTTPException, paramiko's SSHException, EOFError...
             return None, f"Flower not reachable at {self.url}: {type(exc).__name__}"
+        if self._on_answer is not None:
+            try:
+                self._on_answer(status)
+            except Exception:  # noqa: BLE001 - a listener's bug must not lose the workers
+                log.exception("on_answer failed")
         if status in (401, 403):
             return None, f"Flower answered HTTP {status}: set flower_auth for this host"
         if status != 200:
@@ -181,7 +188,6 @@ class CeleryWorkersCollector:
         online.add_metric([self.host], float(sum(workers.values())))
         yield up
         yield online
-
 
 
 class _Connection(http.client.HTTPConnection):
