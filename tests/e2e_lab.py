@@ -36,7 +36,7 @@ MONITORING = ROOT / "monitoring"
 sys.path.insert(0, str(MONITORING))
 from promconfig import alertmanager_config, write_yaml  # noqa: E402
 from run_linux import LinuxStack  # noqa: E402
-from scale_rules import scale_alertmanager, scale_files  # noqa: E402
+from scale_rules import parse_duration, scale_alertmanager, scale_files  # noqa: E402
 
 TIME_SCALE = 0.05  # production durations x 0.05: for: 1m -> 3s, [5m] -> 15s, group_wait 30s -> 1.5s
 # postgres_exporter takes ~1 s per scrape, one at a time, while PostgreSQL is down: scrapes (and the
@@ -76,6 +76,16 @@ class Lab:
     def firing_alerts(self) -> list[dict[str, str]]:
         """Labels of every alert Prometheus has firing now."""
         return [r["metric"] for r in self.stack.query('ALERTS{alertstate="firing"}')]
+
+    def longest_group_interval(self) -> float:
+        """Seconds: the longest group_interval of any route in the running Alertmanager config."""
+        document = yaml.safe_load(self.stack.alertmanager_yml.read_text())
+        routes, found = [document["route"]], []
+        while routes:
+            route = routes.pop()
+            found.append(parse_duration(str(route.get("group_interval", "5m"))))
+            routes.extend(route.get("routes", []))
+        return max(found) / 1000
 
     def fixed(self) -> None:
         """Mark the moment the current fault is undone (resolved times are measured from here)."""
