@@ -17,9 +17,10 @@ is still running is skipped for that round (a slow exporter that serves one scra
 queue of probes).
 
 Passive health: a forward whose last probe was good is not probed again in a round when real traffic
-proved the path since the previous round: `bytes_from_remote` grew (a connection through the forward got
-a channel and the remote side sent bytes) and `failed_total` did not (no connection got a refused channel
-since). Bytes from the remote are weaker evidence than a probe: they prove the channel opens and that
+proved the path since the previous round: `accepted_total` and `bytes_from_remote` grew (a new connection
+came through the forward, and a connection got a channel and the remote side sent bytes) and
+`failed_total` did not (no connection got a refused channel since). A new connection is required because
+a kept connection that closes when the exporter dies adds its old bytes at that moment. Bytes from the remote are weaker evidence than a probe: they prove the channel opens and that
 something on the remote port answers, not that it answered HTTP 2xx (a 5xx or 401 page is bytes too).
 That is accepted because (1) the scraper that made the traffic sees the HTTP status itself (Prometheus's
 `up`), (2) only a forward whose last probe was *good* is skipped, so a forward never turns up on traffic
@@ -178,8 +179,8 @@ class Prober:
         self._pool = ThreadPoolExecutor(PROBE_WORKERS, thread_name_prefix="probe")
         self._lock = threading.Lock()
         self._in_flight: set[int] = set()  # id() of ForwardStats being probed (dataclasses are unhashable)
-        #: id(stats) -> (stats, bytes_from_remote, failed_total, rounds skipped) at the previous round
-        self._seen: dict[int, tuple[ForwardStats, int, int, int]] = {}
+        #: id(stats) -> (stats, (accepted_total, bytes_from_remote, failed_total), rounds skipped) at the last round
+        self._seen: dict[int, tuple[ForwardStats, tuple[int, int, int], int]] = {}
         self._answered: set[int] = set()  # id() of ForwardStats another reader got an HTTP answer through
         self._stop = threading.Event()
         self._thread = threading.Thread(target=self._loop, name="prober", daemon=True)
@@ -240,7 +241,7 @@ class Prober:
 
     def _should_probe(self, stats: ForwardStats, passive: bool) -> bool:
         key = id(stats)
-        received, failed = stats.bytes_from_remote, stats.failed_total
+        counters = (stats.accepted_total, stats.bytes_from_remote, stats.failed_total)
         with self._lock:
             if key in self._in_flight:
                 return False  # the previous probe is still running: never queue another behind it
@@ -248,11 +249,13 @@ class Prober:
             answered = key in self._answered
             self._answered.discard(key)
             if passive and previous is not None and previous[0] is stats:
-                proved = (received > previous[1] or answered) and failed == previous[2]
-                if proved and stats.probe_ok and previous[3] + 1 < PASSIVE_MAX_ROUNDS:
-                    self._seen[key] = (stats, received, failed, previous[3] + 1)
+                (accepted, received, failed), skipped = previous[1], previous[2]
+                traffic = counters[0] > accepted and counters[1] > received
+                proved = (traffic or answered) and counters[2] == failed
+                if proved and stats.probe_ok and skipped + 1 < PASSIVE_MAX_ROUNDS:
+                    self._seen[key] = (stats, counters, skipped + 1)
                     return False
-            self._seen[key] = (stats, received, failed, 0)
+            self._seen[key] = (stats, counters, 0)
             self._in_flight.add(key)
             return True
 
