@@ -20,7 +20,8 @@ Passive health: a forward whose last probe was good is not probed again in a rou
 proved the path since the previous round: `accepted_total` and `bytes_from_remote` grew (a new connection
 came through the forward, and a connection got a channel and the remote side sent bytes) and
 `failed_total` did not (no connection got a refused channel since). A new connection is required because
-a kept connection that closes when the exporter dies adds its old bytes at that moment. Bytes from the remote are weaker evidence than a probe: they prove the channel opens and that
+a kept connection that closes when the exporter dies adds its old bytes at that moment.
+Bytes from the remote are weaker evidence than a probe: they prove the channel opens and that
 something on the remote port answers, not that it answered HTTP 2xx (a 5xx or 401 page is bytes too).
 That is accepted because (1) the scraper that made the traffic sees the HTTP status itself (Prometheus's
 `up`), (2) only a forward whose last probe was *good* is skipped, so a forward never turns up on traffic
