@@ -13,6 +13,7 @@ from typing import Any, Callable, Iterable, TextIO
 
 from . import __version__
 from .auth import Identities, load_identities
+from .collectors.celery_workers import POLL_INTERVAL, CeleryWorkersCollector
 from .config import AgentConfig, HostConfig
 from .discovery import write_file_sd
 from .errors import AgentError
@@ -117,10 +118,6 @@ class Agent:
         flower = next((f for f in host.forwards if f.name == "flower"), None)
         if flower is None:
             return
-        try:
-            from .collectors.celery_workers import POLL_INTERVAL, CeleryWorkersCollector
-        except ImportError:  # pragma: no cover - the collector module is being written
-            return
 
         def open_channel(timeout: float) -> object:
             """A channel to Flower on the host's SSH session (no local connection, accept thread or pump)."""
@@ -128,7 +125,7 @@ class Agent:
                 tunnel = self.tunnels.get(host.name)
             if tunnel is None or tunnel.stats.state != "up":  # never wait for (nor nudge) a reconnect
                 raise ConnectionError(f"SSH to {host.name} is down")
-            channel = tunnel.open_forward_channel(flower, PROBE_ORIGIN)
+            channel = tunnel.open_forward_channel(flower, PROBE_ORIGIN, timeout)
             channel.settimeout(timeout)
             return channel
 

@@ -5,8 +5,8 @@ Every error an operator can cause is one line on stderr and exit status 2; no tr
 from __future__ import annotations
 
 import argparse
-import math
 import logging
+import math
 import os
 import sys
 from pathlib import Path
@@ -14,8 +14,8 @@ from typing import Callable, Sequence
 
 from . import __version__
 from .config import (
-    MAX_CONNECT_WAIT,
     DEFAULT_METRICS_ADDR,
+    MAX_CONNECT_WAIT,
     AgentConfig,
     Forward,
     default_forwards,

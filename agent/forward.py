@@ -70,11 +70,15 @@ class ForwardStats:
             self.active += 1
             self.accepted_total += 1
 
-    def closed(self, sent: int, received: int) -> None:
+    def carried(self, sent: int = 0, received: int = 0) -> None:
+        """Count bytes as they pass, so a long-lived (keep-alive) connection shows its traffic at once."""
         with self._lock:
-            self.active -= 1
             self.bytes_to_remote += sent
             self.bytes_from_remote += received
+
+    def closed(self) -> None:
+        with self._lock:
+            self.active -= 1
 
 
 class ChannelOpener(Protocol):
@@ -242,7 +246,6 @@ def serve_connection(conn: socket.socket, peer: tuple, forward: Forward, stats: 
     me = threading.current_thread()
     live.add(me, conn)
     stats.opened()
-    sent = received = 0
     chan: paramiko.Channel | None = None
     try:
         conn.setblocking(True)
@@ -264,7 +267,7 @@ def serve_connection(conn: socket.socket, peer: tuple, forward: Forward, stats: 
         stats.worked_since_error = True
         live.add(me, chan)
         try:
-            sent, received = _pump(conn, chan)
+            _pump(conn, chan, stats)
         except OSError as exc:  # e.g. out of descriptors for the channel's pipe: this connection only
             stats.failed_total += 1
             news = stats.record_error(f"connection failed: {exc}", "local_error")
@@ -275,56 +278,57 @@ def serve_connection(conn: socket.socket, peer: tuple, forward: Forward, stats: 
             _shutdown(chan)
         _shutdown(conn)
         conn.close()
-        stats.closed(sent, received)
+        stats.closed()
         live.discard(me)
 
 
-def _pump(conn: socket.socket, chan: paramiko.Channel) -> tuple[int, int]:
-    """Copy both ways until both sides reached EOF; half-closes are passed on. Returns (sent, received)."""
+def _pump(conn: socket.socket, chan: paramiko.Channel, stats: ForwardStats | None = None) -> None:
+    """Copy both ways until both sides reached EOF; half-closes are passed on; bytes counted on `stats`."""
     poller = select.poll()
     conn_fd, chan_fd = conn.fileno(), chan.fileno()
     poller.register(conn_fd, select.POLLIN)
     poller.register(chan_fd, select.POLLIN)
     open_fds = {conn_fd, chan_fd}
-    sent = received = 0
     while open_fds:
         for fd, _ in poller.poll():
             if fd == conn_fd:
                 try:
                     data = conn.recv(BUFFER)
                 except OSError:  # reset by the local client: nobody is left to read an answer
-                    return sent, received
+                    return
                 if data:
                     try:
                         chan.sendall(data)
                     except (OSError, EOFError, paramiko.SSHException):
-                        return sent, received
-                    sent += len(data)
+                        return
+                    if stats is not None:
+                        stats.carried(sent=len(data))
                 else:
                     poller.unregister(conn_fd)
                     open_fds.discard(conn_fd)
                     try:
                         chan.shutdown_write()
                     except (OSError, EOFError):
-                        return sent, received
+                        return
             elif fd == chan_fd:
                 data = chan.recv(BUFFER)  # after the remote CLOSE, buffered data is still there; then b""
                 if data:
                     try:
                         conn.sendall(data)
                     except OSError:
-                        return sent, received
-                    received += len(data)
+                        return
+                    if stats is not None:
+                        stats.carried(received=len(data))
                 else:
                     poller.unregister(chan_fd)
                     open_fds.discard(chan_fd)
                     try:
                         conn.shutdown(socket.SHUT_WR)
                     except OSError:
-                        return sent, received
+                        return
                     if chan.closed:  # remote closed completely: nothing more can be sent either
-                        return sent, received
-    return sent, received
+                        return
+    return
 
 
 class _GuardedPipe(paramiko.pipe.PosixPipe):  # type: ignore[misc]

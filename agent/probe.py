@@ -17,10 +17,9 @@ is still running is skipped for that round (a slow exporter that serves one scra
 queue of probes).
 
 Passive health: a forward whose last probe was good is not probed again in a round when real traffic
-proved the path since the previous round: `accepted_total` and `bytes_from_remote` grew (a new connection
-came through the forward, and a connection got a channel and the remote side sent bytes) and
-`failed_total` did not (no connection got a refused channel since). A new connection is required because
-a kept connection that closes when the exporter dies adds its old bytes at that moment.
+proved the path since the previous round: `bytes_from_remote` grew (counted as the bytes pass, so a
+scraper's keep-alive connection counts too: the remote side sent bytes through a channel since) and
+`failed_total` did not (no connection got a refused channel since).
 Bytes from the remote are weaker evidence than a probe: they prove the channel opens and that
 something on the remote port answers, not that it answered HTTP 2xx (a 5xx or 401 page is bytes too).
 That is accepted because (1) the scraper that made the traffic sees the HTTP status itself (Prometheus's
@@ -93,7 +92,7 @@ def _probe(tunnel: HostTunnel, stats: ForwardStats, timeout: float) -> tuple[boo
     forward = stats.forward
     deadline = time.monotonic() + timeout
     try:
-        chan = tunnel.open_forward_channel(forward, PROBE_ORIGIN)
+        chan = tunnel.open_forward_channel(forward, PROBE_ORIGIN, timeout)
     except paramiko.ChannelException as exc:
         reason, text = _CHANNEL_REASONS.get(exc.code, ("channel_refused", exc.text))
         message = f"channel to {forward.remote} refused: {text}"
@@ -250,8 +249,8 @@ class Prober:
             answered = key in self._answered
             self._answered.discard(key)
             if passive and previous is not None and previous[0] is stats:
-                (accepted, received, failed), skipped = previous[1], previous[2]
-                traffic = counters[0] > accepted and counters[1] > received
+                (_, received, failed), skipped = previous[1], previous[2]
+                traffic = counters[1] > received
                 proved = (traffic or answered) and counters[2] == failed
                 if proved and stats.probe_ok and skipped + 1 < PASSIVE_MAX_ROUNDS:
                     self._seen[key] = (stats, counters, skipped + 1)

@@ -121,7 +121,8 @@ class HostTunnel:
         self.stats.set_state("stopped")
 
     # -- used by the data path --------------------------------------------------------------------
-    def open_forward_channel(self, forward: Forward, origin: tuple[str, int]) -> paramiko.Channel:
+    def open_forward_channel(self, forward: Forward, origin: tuple[str, int],
+                             timeout: float = CHANNEL_OPEN_TIMEOUT) -> paramiko.Channel:
         """A direct-tcpip channel to the forward's remote port; waits up to `connect_wait` for the link.
 
         A channel the host refuses (PermitOpen, nothing listening) fails at once. A session that dies
@@ -135,7 +136,7 @@ class HostTunnel:
                 raise ConnectionError(f"SSH to {self.host.destination} is down "
                                       f"({self.stats.last_error or 'connecting'})")
             try:
-                return session.open_channel(forward.remote_host, forward.remote_port, origin, CHANNEL_OPEN_TIMEOUT)
+                return session.open_channel(forward.remote_host, forward.remote_port, origin, timeout)
             except paramiko.ChannelException:
                 raise  # the host said no: the session is fine
             except (paramiko.SSHException, EOFError, OSError):

@@ -196,9 +196,10 @@ class _Connection(http.client.HTTPConnection):
     def __init__(self, address: tuple[str, int], timeout: float, open_channel: ChannelOpener | None) -> None:
         super().__init__(address[0], address[1], timeout=timeout)
         self._open_channel = open_channel
+        self._channel_timeout = timeout
 
     def connect(self) -> None:
         if self._open_channel is None:
             super().connect()
             return
-        self.sock = self._open_channel(self.timeout)
+        self.sock = self._open_channel(self._channel_timeout)
