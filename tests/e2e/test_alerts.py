@@ -20,6 +20,10 @@ pytestmark = [pytest.mark.netns, pytest.mark.slow]
 # generous bounds for the scaled chain: a few scrapes + for: + group_wait, on a loaded 2-core machine
 FIRE_TIMEOUT = 90.0
 RESOLVE_TIMEOUT = 120.0
+# The goal is <= 60 s (issue 8); the bound is the worst case of the sampling steps at production settings:
+# Flower's heartbeat window ~4.3 s + one 5 s Flower poll + one 15 s scrape + one 15 s evaluation + for: 15s
+# + the evaluation that confirms it (15 s) + WorkerDown's group_wait 10 s = ~80 s. Typical is ~45 s.
+PRODUCTION_CRASH_BOUND = 85.0
 
 
 def _healthy(lab: Lab) -> None:
@@ -168,4 +172,5 @@ def test_worker_crash_at_production_settings(production_lab: Lab):
     for row in RESULT_ROWS:
         if row["alert"] == "WorkerDown":
             row["production_seconds"] = round(seconds, 1)
-    assert seconds <= 120, f"a crashed worker must be notified within 2 min at production settings ({seconds:.0f} s)"
+    assert seconds <= PRODUCTION_CRASH_BOUND, (
+        f"a crashed worker must be notified within {PRODUCTION_CRASH_BOUND:g} s at production settings ({seconds:.0f} s)")
