@@ -173,4 +173,5 @@ def test_worker_crash_at_production_settings(production_lab: Lab):
         if row["alert"] == "WorkerDown":
             row["production_seconds"] = round(seconds, 1)
     assert seconds <= PRODUCTION_CRASH_BOUND, (
-        f"a crashed worker must be notified within {PRODUCTION_CRASH_BOUND:g} s at production settings ({seconds:.0f} s)")
+        f"a crashed worker must be notified within {PRODUCTION_CRASH_BOUND:g} s at production settings "
+        f"({seconds:.0f} s)")
