@@ -80,11 +80,12 @@ class Lab:
     def longest_group_interval(self) -> float:
         """Seconds: the longest group_interval of any route in the running Alertmanager config."""
         document = yaml.safe_load(self.stack.alertmanager_yml.read_text())
-        routes, found = [document["route"]], []
+        routes, found = [(document["route"], "5m")], []  # 5m: Alertmanager's default at the root
         while routes:
-            route = routes.pop()
-            found.append(parse_duration(str(route.get("group_interval", "5m"))))
-            routes.extend(route.get("routes", []))
+            route, inherited = routes.pop()
+            interval = str(route.get("group_interval", inherited))  # a child route inherits its parent's
+            found.append(parse_duration(interval))
+            routes.extend((child, interval) for child in route.get("routes", []))
         return max(found) / 1000
 
     def fixed(self) -> None:

@@ -142,6 +142,7 @@ def test_sshd_stopped_pages_once_with_tunnel_down(lab: Lab):
         # the exporters' scrapes fail too: Prometheus fires them, Alertmanager holds them back
         wait_until(lambda: any(a["alertname"] == "ExporterScrapeFailing" for a in lab.firing_alerts()),
                    FIRE_TIMEOUT, "ExporterScrapeFailing firing in Prometheus (to be inhibited)")
+        print(f"\n[e2e] sshd stopped: ExporterScrapeFailing firing (inhibited) after {time.monotonic() - t0:.1f} s")
         # nothing may leak through: a leaked alert would be sent within one (scaled) group interval
         time.sleep(lab.longest_group_interval() + 2)
         leaked = [f"{n.alertname}{dict(n.labels)}" for n in lab.webhook.since(t0)
@@ -154,6 +155,7 @@ def test_sshd_stopped_pages_once_with_tunnel_down(lab: Lab):
                                     host=HOST)
     lab.record("sshd stopped", "TunnelDown", t0, fired.received, resolved.received)
     _healthy(lab)
+    print(f"[e2e] sshd stopped: every alert resolved {time.monotonic() - lab.fixed_at:.1f} s after sshd returned")
     assert lab.agent.proc.pid == agent_pid and lab.agent.proc.poll() is None, "the agent was not restarted"
 
 
