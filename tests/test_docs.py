@@ -1,7 +1,8 @@
 """The docs cannot rot: every shell block parses, every `tunnel` command in them is accepted by the real
 CLI (and builds a config), blocks marked `<!-- doctest: run -->` run for real, YAML examples load.
 
-Annotations, on the line before a fence: `run` (execute it, must exit 0), `parse` (the default for sh),
+Annotations, on the line before a fence: `run` (execute it, must exit 0), `demo` (execute it while
+`tunnel --demo` runs with its defaults, as a reader trying the docs would), `parse` (the default for sh),
 `yaml` (load it with the real fleet-config loader).
 """
 from __future__ import annotations
@@ -12,8 +13,11 @@ import shlex
 import subprocess
 import sys
 import textwrap
+import time
+import urllib.request
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Iterator
 
 import paramiko
 import pytest
@@ -84,12 +88,39 @@ def doc_home(tmp_path: Path, monkeypatch) -> Path:
     return tmp_path
 
 
+@pytest.fixture(scope="module")
+def demo_agent(tmp_path_factory: pytest.TempPathFactory) -> Iterator[None]:
+    """`tunnel --demo` with its defaults (forwards on 8000..9182, /metrics on 127.0.0.1:9595), up."""
+    log = tmp_path_factory.mktemp("demo") / "demo.log"
+    with open(log, "wb") as out:
+        proc = subprocess.Popen([sys.executable, str(ROOT / "tunnel.py"), "--demo", "-q"], stdin=subprocess.DEVNULL,
+                                stdout=out, stderr=subprocess.STDOUT, cwd=ROOT)
+    try:
+        deadline = time.monotonic() + 30
+        while b"tunnel_up" not in _fetch("http://127.0.0.1:9595/metrics") or proc.poll() is not None:
+            if proc.poll() is not None or time.monotonic() > deadline:
+                pytest.fail(f"tunnel --demo did not come up: {log.read_text()[-800:]}")
+            time.sleep(0.1)
+        yield
+    finally:
+        proc.terminate()
+        proc.wait(10)
+
+
+def _fetch(url: str) -> bytes:
+    try:
+        with urllib.request.urlopen(url, timeout=2) as response:
+            return response.read()
+    except OSError:
+        return b""
+
+
 def test_docs_have_shell_examples():
     assert len(SH_BLOCKS) >= 8 and any(b.mode == "run" for b in SH_BLOCKS)
 
 
 @pytest.mark.parametrize("block", SH_BLOCKS, ids=lambda b: b.id)
-def test_shell_block(block: Block, doc_home: Path):
+def test_shell_block(block: Block, doc_home: Path, request: pytest.FixtureRequest):
     syntax = subprocess.run(["bash", "-n"], input=block.text, capture_output=True, text=True)
     assert syntax.returncode == 0, f"{block.id}: {syntax.stderr}"
     for argv in tunnel_commands(block.text):
@@ -99,7 +130,9 @@ def test_shell_block(block: Block, doc_home: Path):
         if not args.demo:
             config = config_from_args(args)
             assert config.hosts, f"{block.id}: {argv} resolves to no host"
-    if block.mode == "run":
+    if block.mode == "demo":
+        request.getfixturevalue("demo_agent")
+    if block.mode in ("run", "demo"):
         bin_dir = str(Path(sys.executable).parent)
         env = {**os.environ, "PATH": f"{bin_dir}:{os.environ.get('PATH', '')}", "HOME": str(doc_home)}
         if not (Path(bin_dir) / "tunnel").exists():  # not pip-installed: run the entry point
