@@ -37,9 +37,7 @@ def parse_metrics(text: str) -> dict[str, float]:
     """`name{labels}` -> value, for every sample line of a Prometheus text page."""
     samples: dict[str, float] = {}
     for line in text.splitlines():
-        if not line or line.startswith("#"):
-            continue
-        match = re.match(r"^(\S+?(?:\{.*\})?)\s+(\S+)$", line)
+        match = re.match(r"^([^#\s]\S*?(?:\{.*\})?)\s+(\S+)(?:\s+\d+)?$", line)  # an optional timestamp
         if match:
             try:
                 samples[match.group(1)] = float(match.group(2))

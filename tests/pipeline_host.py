@@ -59,7 +59,6 @@ import functools
 import importlib.util
 import pwd
 import os
-import re
 import secrets
 import shutil
 import signal
@@ -76,6 +75,7 @@ from contextlib import contextmanager
 from pathlib import Path
 from typing import Callable, Iterator, TypeVar
 
+from agent_process import parse_metrics
 from remote_host import RemoteHost, wait_until
 
 ROOT = Path(__file__).resolve().parent.parent
@@ -167,19 +167,6 @@ def _enter_netns(ns: str) -> None:
             raise OSError(ctypes.get_errno(), f"setns({ns})")
     finally:
         os.close(fd)
-
-
-def parse_metrics(text: str) -> dict[str, float]:
-    """`name{labels}` -> value for every sample of a Prometheus text page."""
-    samples: dict[str, float] = {}
-    for line in text.splitlines():
-        match = re.match(r"^([^#\s]\S*?(?:\{.*\})?)\s+(\S+)(?:\s+\d+)?$", line)
-        if match:
-            try:
-                samples[match.group(1)] = float(match.group(2))
-            except ValueError:
-                pass
-    return samples
 
 
 class PipelineHost:
