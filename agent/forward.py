@@ -240,6 +240,17 @@ class ConnectionSet:
             thread.join(max(0.0, deadline - time.monotonic()))
 
 
+def record_refusal(stats: ForwardStats, exc: paramiko.ChannelException) -> str:
+    """Record a channel the host refused (PermitOpen, nothing listening) on `stats`; warn once; the message."""
+    forward = stats.forward
+    reason, text = _CHANNEL_REASONS.get(exc.code, ("channel_refused", exc.text))
+    message = f"channel to {forward.remote} refused: {text}"
+    news = stats.record_error(message, reason)
+    log.log(logging.WARNING if news else logging.DEBUG, "%s: channel to %s refused: %s",
+            forward.name, forward.remote, text)
+    return message
+
+
 def serve_connection(conn: socket.socket, peer: tuple, forward: Forward, stats: ForwardStats,
                      opener: ChannelOpener, live: ConnectionSet) -> None:
     """Run in a connection thread: open the channel, then pump until both directions are done."""
@@ -253,11 +264,8 @@ def serve_connection(conn: socket.socket, peer: tuple, forward: Forward, stats: 
         try:
             chan = opener.open_forward_channel(forward, (peer[0], peer[1]))
         except paramiko.ChannelException as exc:
-            reason, text = _CHANNEL_REASONS.get(exc.code, ("channel_refused", exc.text))
             stats.failed_total += 1
-            news = stats.record_error(f"channel to {forward.remote} refused: {text}", reason)
-            log.log(logging.WARNING if news else logging.DEBUG, "%s: channel to %s refused: %s",
-                    forward.name, forward.remote, text)
+            record_refusal(stats, exc)
             return
         except (paramiko.SSHException, EOFError, OSError, TimeoutError) as exc:
             stats.failed_total += 1
@@ -328,7 +336,6 @@ def _pump(conn: socket.socket, chan: paramiko.Channel, stats: ForwardStats | Non
                         return
                     if chan.closed:  # remote closed completely: nothing more can be sent either
                         return
-    return
 
 
 class _GuardedPipe(paramiko.pipe.PosixPipe):  # type: ignore[misc]

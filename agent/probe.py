@@ -29,8 +29,6 @@ so an exporter that starts answering 5xx reads down within PASSIVE_MAX_ROUNDS x 
 An HTTP answer (< 500, not 401/403) that another reader of the same remote port got through its own
 channel since the previous round counts as the same evidence (`Prober.answered`: the Celery collector
 reads Flower every 5 s, so the `flower` forward needs no probe of its own in between).
-Note that ForwardStats counts bytes when a connection closes, so a scraper holding one keep-alive
-connection open proves nothing until it closes it (those forwards keep being probed actively).
 
 Other periodic reads (e.g. the Celery collector's poll) run on the same scheduler and pool, on their
 own interval (`add_job(job, interval)`).
@@ -50,7 +48,7 @@ import schedule
 
 from . import __version__
 from .config import Forward
-from .forward import _CHANNEL_REASONS, ForwardStats
+from .forward import ForwardStats, record_refusal
 from .supervisor import HostTunnel
 
 log = logging.getLogger(__name__)
@@ -94,12 +92,7 @@ def _probe(tunnel: HostTunnel, stats: ForwardStats, timeout: float) -> tuple[boo
     try:
         chan = tunnel.open_forward_channel(forward, PROBE_ORIGIN, timeout)
     except paramiko.ChannelException as exc:
-        reason, text = _CHANNEL_REASONS.get(exc.code, ("channel_refused", exc.text))
-        message = f"channel to {forward.remote} refused: {text}"
-        news = stats.record_error(message, reason)
-        log.log(logging.WARNING if news else logging.DEBUG, "%s: channel to %s refused: %s",
-                forward.name, forward.remote, text)
-        return False, message
+        return False, record_refusal(stats, exc)
     except (paramiko.SSHException, EOFError, OSError, TimeoutError) as exc:
         return False, f"no SSH connection: {exc}"
     stats.worked_since_error = True
@@ -179,8 +172,8 @@ class Prober:
         self._pool = ThreadPoolExecutor(PROBE_WORKERS, thread_name_prefix="probe")
         self._lock = threading.Lock()
         self._in_flight: set[int] = set()  # id() of ForwardStats being probed (dataclasses are unhashable)
-        #: id(stats) -> (stats, (accepted_total, bytes_from_remote, failed_total), rounds skipped) at the last round
-        self._seen: dict[int, tuple[ForwardStats, tuple[int, int, int], int]] = {}
+        #: id(stats) -> (stats, (bytes_from_remote, failed_total), rounds skipped) at the last round
+        self._seen: dict[int, tuple[ForwardStats, tuple[int, int], int]] = {}
         self._answered: set[int] = set()  # id() of ForwardStats another reader got an HTTP answer through
         self._stop = threading.Event()
         self._thread = threading.Thread(target=self._loop, name="prober", daemon=True)
@@ -241,7 +234,7 @@ class Prober:
 
     def _should_probe(self, stats: ForwardStats, passive: bool) -> bool:
         key = id(stats)
-        counters = (stats.accepted_total, stats.bytes_from_remote, stats.failed_total)
+        counters = (stats.bytes_from_remote, stats.failed_total)
         with self._lock:
             if key in self._in_flight:
                 return False  # the previous probe is still running: never queue another behind it
@@ -249,9 +242,9 @@ class Prober:
             answered = key in self._answered
             self._answered.discard(key)
             if passive and previous is not None and previous[0] is stats:
-                (_, received, failed), skipped = previous[1], previous[2]
-                traffic = counters[1] > received
-                proved = (traffic or answered) and counters[2] == failed
+                (received, failed), skipped = previous[1], previous[2]
+                traffic = counters[0] > received
+                proved = (traffic or answered) and counters[1] == failed
                 if proved and stats.probe_ok and skipped + 1 < PASSIVE_MAX_ROUNDS:
                     self._seen[key] = (stats, counters, skipped + 1)
                     return False
