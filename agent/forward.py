@@ -87,11 +87,26 @@ class ChannelOpener(Protocol):
     def open_forward_channel(self, forward: Forward, origin: tuple[str, int]) -> paramiko.Channel: ...
 
 
+def _listener_socket(bind: str) -> socket.socket:
+    """An unbound TCP socket for a listener on `bind` (SO_REUSEADDR: a port in TIME_WAIT is free)."""
+    sock = socket.socket(socket.AF_INET6 if ":" in bind else socket.AF_INET, socket.SOCK_STREAM)
+    sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+    return sock
+
+
+def port_is_free(bind: str, port: int) -> bool:
+    """Whether a listener could bind `bind:port` right now (nothing else holds it)."""
+    with _listener_socket(bind) as sock:
+        try:
+            sock.bind((bind, port))
+        except OSError:
+            return False
+    return True
+
+
 def bind_listener(forward: Forward) -> socket.socket:
     """Bind forward.bind:forward.local_port, or raise UsageError naming the port and the fix."""
-    family = socket.AF_INET6 if ":" in forward.bind else socket.AF_INET
-    sock = socket.socket(family, socket.SOCK_STREAM)
-    sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+    sock = _listener_socket(forward.bind)
     try:
         sock.bind((forward.bind, forward.local_port))
         sock.listen(128)

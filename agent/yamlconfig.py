@@ -22,7 +22,6 @@ from __future__ import annotations
 import math
 import os
 import re
-import socket
 from dataclasses import replace
 from pathlib import Path
 from typing import Any, Callable, Mapping
@@ -42,6 +41,7 @@ from .config import (
     validate_ssh_option,
 )
 from .errors import UsageError
+from .forward import port_is_free
 
 DEFAULT_CONFIG_PATHS = ("~/.config/tunnel/hosts.yml", "/etc/tunnel/hosts.yml")
 DEFAULT_PORT_RANGE = (19000, 19999)
@@ -375,7 +375,7 @@ def _assign_local_ports(hosts: list[HostConfig], nodes: list[_Node], port_range:
         for forward in host.forwards:
             if not forward.local_port:
                 port = assigned.get((host.name, forward.name)) or next(
-                    (p for p in free if _bindable(forward.bind, p)), None)
+                    (p for p in free if port_is_free(forward.bind, p)), None)
                 if port is None:
                     raise node.fail(f"local_port_range {port_range[0]}-{port_range[1]} has no free port left for "
                                     f"{host.name}/{forward.name}: widen it")
@@ -384,18 +384,6 @@ def _assign_local_ports(hosts: list[HostConfig], nodes: list[_Node], port_range:
             forwards.append(forward)
         result.append(replace(host, forwards=tuple(forwards)))
     return result
-
-
-def _bindable(bind: str, port: int) -> bool:
-    """Whether `bind:port` is free right now: a new forward skips ports another program holds."""
-    family = socket.AF_INET6 if ":" in bind else socket.AF_INET
-    with socket.socket(family, socket.SOCK_STREAM) as sock:
-        sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)  # as the listener will: TIME_WAIT is free
-        try:
-            sock.bind((bind or "0.0.0.0", port))
-        except OSError:
-            return False
-    return True
 
 
 def port_memory(config: AgentConfig) -> dict[tuple[str, str], int]:
