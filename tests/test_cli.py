@@ -2,6 +2,7 @@
 from __future__ import annotations
 
 import os
+import select
 import socket
 import subprocess
 import sys
@@ -134,7 +135,8 @@ def test_exposed_listener_is_warned_about(tmp_path):
                              env={**os.environ, "HOME": str(tmp_path)})
     try:
         assert agent.stderr is not None
-        first = agent.stderr.readline()  # the warning comes when the listener is bound, before connecting
+        ready, _, _ = select.select([agent.stderr], [], [], 20)  # bounded: never hang on a silent agent
+        first = agent.stderr.readline() if ready else ""  # the warning comes when the listener is bound
     finally:
         agent.terminate()
         agent.wait(10)
